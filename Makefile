@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+# The venv is rebuilt only when pyproject.toml changes (stamp files), so re-running is fast.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP_FLAGS := --disable-pip-version-check -q
+
+.PHONY: run test lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.stamp-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_FLAGS) -e .
+	touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
+	touch $(VENV)/.stamp-run $@
+
+run: $(VENV)/.stamp-run
+	$(BIN)/python run.py
+
+test: $(VENV)/.stamp-dev
+	$(BIN)/ruff check src tests benchmarks run.py register.py
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check src tests benchmarks run.py register.py
+
+bench: $(VENV)/.stamp-dev
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) outputs mlflow.db mlartifacts studies

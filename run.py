@@ -1,0 +1,26 @@
+"""python run.py [overrides]: one run, one job of a multirun, or an Optuna study.
+
+Kept thin on purpose: `--help` and config errors must not pay for importing MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from expforge.config import register_resolvers
+
+register_resolvers(Path(__file__).resolve().parent)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from expforge.cli import run_job
+
+    return run_job(cfg)
+
+
+if __name__ == "__main__":
+    main()

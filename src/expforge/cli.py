@@ -1,0 +1,109 @@
+"""The edge between Hydra and expforge: DictConfig in, console output and exit codes out.
+
+Every user error (``ExpforgeError``) becomes one line on stderr and exit code 1; the full
+traceback appears only with ``HYDRA_FULL_ERROR=1``. SIGTERM is handled like Ctrl-C, so a run
+stopped by a scheduler ends KILLED rather than RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from expforge.errors import ExpforgeError
+
+__all__ = ["guarded", "hydra_context", "run_job"]
+
+T = TypeVar("T")
+
+
+def guarded(action: Callable[[], T]) -> T:
+    """Run ``action`` with expforge's error and signal policy."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return action()
+    except ExpforgeError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: runs ended KILLED; re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if previous in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def hydra_context() -> Any:
+    """Hydra's choices and overrides for the current job (empty outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from expforge.runner import RunContext
+
+    if not HydraConfig.initialized():
+        return RunContext()
+    hc = HydraConfig.get()
+    choices = {str(k): str(v) for k, v in hc.runtime.choices.items() if v is not None}
+    return RunContext(choices=choices, overrides=list(hc.overrides.task))
+
+
+def run_job(cfg: Any) -> float | None:
+    """``python run.py``: a single run, or a study when ``search=optuna``."""
+
+    def action() -> float | None:
+        from expforge.config import to_plain
+
+        plain = to_plain(cfg)
+        search = (plain.get("search") or {}).get("name", "none")
+        if search != "none":
+            from expforge.search import run_search
+
+            return run_search(plain, hydra_context())
+        from expforge.runner import run_one
+
+        result, _ = run_one(plain, hydra_context())
+        print_summary(result)
+        return result.value
+
+    return guarded(action)
+
+
+def print_summary(result: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = result.metrics
+    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith("train_")})
+    table = Table(title=f"run {result.run_id}", title_justify="left")
+    table.add_column("split")
+    for name in names:
+        table.add_column(name, justify="right")
+    for split in ("train", "val", "test"):
+        table.add_row(split, *(f"{metrics.get(f'{split}_{n}', float('nan')):.4g}"
+                               for n in names))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"objective {result.objective.metric} = {result.value:.6g} "
+        f"({result.objective.direction}); fit {metrics.get('fit_time_s', 0):.3f}s"
+    )
+    console.print(f"open the UI: {ui_command(result.tracking_uri)}", soft_wrap=True)
+
+
+def ui_command(uri: str) -> str:
+    from expforge.config import mask_uri
+
+    if uri.startswith(("http://", "https://")):
+        return mask_uri(uri)
+    return f"mlflow ui --backend-store-uri {mask_uri(uri)}"

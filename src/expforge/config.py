@@ -1,0 +1,137 @@
+"""The one place that knows the config's shape: resolvers, checks, flattening, hashing.
+
+Hydra composes; this module turns the composed ``DictConfig`` into plain values that the
+rest of expforge takes, and rejects a wrong key or value before any run starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from expforge.errors import ConfigError
+
+__all__ = [
+    "PARAM_VALUE_LIMIT",
+    "closest_keys",
+    "config_hash",
+    "flatten",
+    "mask_secrets",
+    "project_root",
+    "register_resolvers",
+    "to_plain",
+]
+
+# MLflow rejects param values longer than this; longer ones are truncated with a marker.
+PARAM_VALUE_LIMIT = 6000
+TRUNCATED = "...[truncated; see config.yaml]"
+# Config sections that describe where things go rather than what is computed.
+LOCATION_KEYS = ("paths", "tracking", "hydra")
+_SECRET_KEY = re.compile(r"(password|passwd|token|secret|api_?key|credential)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@",
+                           re.IGNORECASE)
+MASK = "***"
+
+
+def project_root() -> Path:
+    """The project root: ``$EXPFORGE_ROOT``, else the folder holding ``run.py`` above us."""
+    env = os.environ.get("EXPFORGE_ROOT")
+    if env:
+        return Path(env).resolve()
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "run.py").is_file() and (parent / "conf").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def register_resolvers(root: Path | None = None) -> None:
+    """Register ``${expforge.root:}`` so config paths never depend on the working directory."""
+    from omegaconf import OmegaConf
+
+    resolved = str(root or project_root())
+    OmegaConf.register_new_resolver("expforge.root", lambda: resolved, replace=True)
+
+
+def to_plain(cfg: Any) -> dict[str, Any]:
+    """Resolve every interpolation and return plain dicts and lists (no DictConfig)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"{key}: {first}; set it on the command line ({key}=...)") from None
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    return plain  # type: ignore[return-value]
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted keys for every leaf: ``{"model": {"max_depth": 3}}`` -> ``{"model.max_depth": 3}``."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def param_values(tree: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[str, str]:
+    """Flattened config as MLflow param strings, over-long values truncated with a marker."""
+    skipped = tuple(exclude)
+    out = {}
+    for key, value in flatten(tree).items():
+        if key.split(".", 1)[0] in skipped:
+            continue
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        if len(text) > PARAM_VALUE_LIMIT:
+            text = text[: PARAM_VALUE_LIMIT - len(TRUNCATED)] + TRUNCATED
+        out[key] = text
+    return out
+
+
+def config_hash(plain: Mapping[str, Any]) -> str:
+    """A short hash of what is computed (locations excluded): equal hash, equal experiment."""
+    content = {k: v for k, v in plain.items() if k not in LOCATION_KEYS}
+    blob = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def mask_uri(text: str) -> str:
+    """``postgresql://user:pw@host/db`` -> ``postgresql://user:***@host/db``."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{MASK}@", text)
+
+
+def mask_secrets(tree: Any, key: str = "") -> Any:
+    """A copy with values of secret-looking keys and passwords inside URIs masked."""
+    if isinstance(tree, Mapping):
+        return {k: mask_secrets(v, str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [mask_secrets(v, key) for v in tree]
+    if key and _SECRET_KEY.search(key) and tree not in (None, ""):
+        return MASK
+    if isinstance(tree, str):
+        return mask_uri(tree)
+    return tree
+
+
+def closest_keys(key: str, candidates: Iterable[str]) -> list[str]:
+    """Candidates that look like a misspelling of ``key``."""
+    return difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
+
+
+def require(condition: bool, key: str, value: Any, fix: str) -> None:
+    """Raise the standard one-line error when a config check fails."""
+    if not condition:
+        raise ConfigError(f"{key}={value} is invalid; {fix}")

@@ -1,0 +1,80 @@
+"""Score predictions: ``<split>_<metric>`` names, one dict per split."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["default_objective", "score", "score_split"]
+
+REGRESSION = ("rmse", "mae", "r2")
+CLASSIFICATION = ("accuracy", "f1", "roc_auc", "log_loss")
+_HIGHER_IS_BETTER = {"r2", "accuracy", "f1", "roc_auc"}
+
+
+def default_objective(task: str) -> tuple[str, str]:
+    """The objective when ``metric=auto``: val_rmse for regression, val_log_loss otherwise.
+
+    Log loss is a proper scoring rule that rewards calibrated probabilities, is smooth enough
+    for TPE, and is what XGBoost reports per round, so pruning watches the same quantity.
+    """
+    return ("val_rmse", "minimize") if task == "regression" else ("val_log_loss", "minimize")
+
+
+def direction_of(metric: str) -> str:
+    """The natural direction of a metric name such as ``test_r2``."""
+    name = metric.split("_", 1)[-1]
+    return "maximize" if name in _HIGHER_IS_BETTER else "minimize"
+
+
+def score_split(
+    task: str, y_true: Any, y_pred: Any, proba: Any | None, n_classes: int = 0
+) -> dict[str, float]:
+    """Metrics of one split (names without the split prefix)."""
+    from sklearn import metrics
+
+    if task == "regression":
+        return {
+            "rmse": float(math.sqrt(metrics.mean_squared_error(y_true, y_pred))),
+            "mae": float(metrics.mean_absolute_error(y_true, y_pred)),
+            "r2": float(metrics.r2_score(y_true, y_pred)) if len(y_true) > 1 else float("nan"),
+        }
+    labels = list(range(n_classes))
+    out = {
+        "accuracy": float(metrics.accuracy_score(y_true, y_pred)),
+        "f1": float(metrics.f1_score(y_true, y_pred, average="macro", labels=labels,
+                                     zero_division=0)),
+    }
+    if proba is not None:
+        proba = np.clip(np.asarray(proba, dtype=float), 1e-15, 1 - 1e-15)
+        out["log_loss"] = float(metrics.log_loss(y_true, proba, labels=labels))
+        try:
+            if task == "binary":
+                out["roc_auc"] = float(metrics.roc_auc_score(y_true, proba[:, 1]))
+            else:
+                out["roc_auc"] = float(
+                    metrics.roc_auc_score(y_true, proba, multi_class="ovr", labels=labels)
+                )
+        except ValueError:
+            pass  # a split holding one class has no ROC curve
+    return out
+
+
+def score(model: Any, dataset: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics on every split, and the val predictions the plots reuse."""
+    result: dict[str, float] = {}
+    val_outputs: dict[str, Any] = {}
+    n_classes = len(dataset.classes)
+    for split_name, split in dataset.splits.items():
+        if dataset.task == "regression":
+            pred, proba = model.predict(split.X), None
+        else:
+            proba = model.predict_proba(split.X)
+            pred = np.argmax(proba, axis=1)
+        for name, value in score_split(dataset.task, split.y, pred, proba, n_classes).items():
+            result[f"{split_name}_{name}"] = value
+        if split_name == "val":
+            val_outputs = {"pred": pred, "proba": proba}
+    return result, val_outputs

@@ -1,0 +1,120 @@
+"""Build the sklearn Pipeline (preprocessing + estimator) that a model config describes.
+
+The pipeline holds only scikit-learn and XGBoost objects with plain Python arguments, so the
+logged model loads and predicts raw rows in a process that never imports expforge.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from expforge.errors import ConfigError, ModelError
+
+__all__ = ["ALLOWED_TARGET_PREFIXES", "META_KEYS", "build_model", "estimator_params"]
+
+# Keys of a model config that describe the model rather than being estimator arguments.
+META_KEYS = frozenset({"name", "regressor", "classifier", "preprocessing"})
+ALLOWED_TARGET_PREFIXES = ("sklearn.", "xgboost.")
+
+
+def estimator_params(model_cfg: Mapping[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+    """The estimator's ``_target_`` and constructor arguments for ``task``."""
+    role = "regressor" if task == "regression" else "classifier"
+    spec = dict(model_cfg.get(role) or {})
+    target = spec.pop("_target_", None)
+    if not target:
+        raise ConfigError(f"model.{role}._target_ is not set; name the estimator class")
+    if not str(target).startswith(ALLOWED_TARGET_PREFIXES):
+        raise ConfigError(
+            f"model.{role}._target_={target} is not allowed; models must come from "
+            f"{' or '.join(ALLOWED_TARGET_PREFIXES)}"
+        )
+    params = {k: v for k, v in model_cfg.items() if k not in META_KEYS}
+    params.update(spec)
+    return str(target), params
+
+
+def build_model(
+    model_cfg: Mapping[str, Any],
+    task: str,
+    numeric: tuple[str, ...],
+    categorical: tuple[str, ...],
+    n_jobs: int | None = None,
+) -> Any:
+    """A Pipeline of preprocessing chained with the configured estimator.
+
+    ``n_jobs`` fills a ``model.n_jobs: null`` so parallel workers never oversubscribe cores.
+    """
+    from hydra.utils import instantiate
+    from sklearn.pipeline import Pipeline
+
+    target, params = estimator_params(model_cfg, task)
+    if "n_jobs" in params and params["n_jobs"] is None and n_jobs is not None:
+        params["n_jobs"] = n_jobs
+    name = model_cfg.get("name", "model")
+    try:
+        estimator = instantiate({"_target_": target, **params}, _convert_="all")
+    except Exception as exc:  # Hydra wraps the constructor's TypeError in its own error
+        raise ModelError(_explain_bad_params(name, target, params, exc)) from None
+    preprocess = build_preprocessor(model_cfg.get("preprocessing") or {}, numeric, categorical)
+    return Pipeline([("preprocess", preprocess), ("model", estimator)])
+
+
+def build_preprocessor(
+    spec: Mapping[str, Any], numeric: tuple[str, ...], categorical: tuple[str, ...]
+) -> Any:
+    """Impute, scale and encode by feature type, as the model needs."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
+
+    impute = bool(spec.get("impute", True))
+    transformers = []
+    if numeric:
+        steps: list[Any] = []
+        if impute:
+            steps.append(SimpleImputer(strategy="median", keep_empty_features=True))
+        if spec.get("scale_numeric", False):
+            steps.append(StandardScaler())
+        transformers.append(("num", make_pipeline(*steps) if steps else "passthrough",
+                             list(numeric)))
+    if categorical:
+        encoding = spec.get("categorical", "ordinal")
+        if encoding == "onehot":
+            encoder: Any = OneHotEncoder(handle_unknown="ignore", min_frequency=1)
+        elif encoding == "ordinal":
+            encoder = OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1)
+        else:
+            raise ConfigError(
+                f"model.preprocessing.categorical={encoding} is not an encoding; "
+                "choose one of: onehot, ordinal"
+            )
+        cat_steps: list[Any] = []
+        if impute:
+            cat_steps.append(SimpleImputer(strategy="most_frequent", keep_empty_features=True))
+        cat_steps.append(encoder)
+        transformers.append(("cat", make_pipeline(*cat_steps), list(categorical)))
+    return ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
+
+
+def _explain_bad_params(name: str, target: str, params: Mapping[str, Any], exc: Exception) -> str:
+    cls_name = target.rsplit(".", 1)[-1]
+    try:
+        from hydra._internal.utils import _locate
+
+        accepted = set(inspect.signature(_locate(target)).parameters)
+    except Exception:
+        accepted = set()
+    unknown = sorted(k for k in params if accepted and k not in accepted)
+    if unknown:
+        key = unknown[0]
+        return (
+            f"model.{key}={params[key]} is not a parameter of {cls_name} (model={name}); "
+            f"remove it or use one of: {', '.join(sorted(accepted))}"
+        )
+    cause = exc.__cause__ or exc
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    return f"{cls_name} (model={name}) cannot be built: {first}"

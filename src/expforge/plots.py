@@ -1,0 +1,111 @@
+"""Diagnostic figures of a fitted model on the validation split (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["model_figures"]
+
+
+def model_figures(model: Any, dataset: Any, val_outputs: dict[str, Any]) -> dict[str, Any]:
+    """``{"plots/<name>.png": Figure}``: importance, and per task the usual two diagnostics."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    figures: dict[str, Any] = {}
+    importance = _feature_importance(model)
+    if importance is not None:
+        figures["plots/feature_importance.png"] = _barh(*importance)
+    y_val = np.asarray(dataset.val.y)
+    if dataset.task == "regression":
+        pred = np.asarray(val_outputs["pred"])
+        figures["plots/predicted_vs_actual.png"] = _pred_vs_actual(y_val, pred)
+        figures["plots/residuals.png"] = _residuals(y_val, pred)
+    else:
+        figures["plots/confusion_matrix.png"] = _confusion(y_val, val_outputs["pred"],
+                                                           dataset.classes)
+        figures["plots/roc.png"] = _roc(y_val, val_outputs["proba"], dataset.classes)
+    return figures
+
+
+def _feature_importance(model: Any, top: int = 20) -> tuple[list[str], np.ndarray] | None:
+    estimator = model.steps[-1][1]
+    values = getattr(estimator, "feature_importances_", None)
+    if values is None and hasattr(estimator, "coef_"):
+        coef = np.atleast_2d(estimator.coef_)
+        values = np.abs(coef).mean(axis=0)
+    if values is None:
+        return None
+    try:
+        names = list(model.steps[0][1].get_feature_names_out())
+    except Exception:
+        names = [f"f{i}" for i in range(len(values))]
+    if len(names) != len(values):
+        names = [f"f{i}" for i in range(len(values))]
+    order = np.argsort(values)[::-1][:top][::-1]
+    return [str(names[i]) for i in order], np.asarray(values)[order]
+
+
+def _figure(height: float = 4.0) -> tuple[Any, Any]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, height), dpi=80)
+    return fig, fig.subplots()
+
+
+def _barh(names: list[str], values: np.ndarray) -> Any:
+    fig, ax = _figure(max(3.0, 0.25 * len(names) + 1))
+    ax.barh(range(len(names)), values)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_title("Feature importance")
+    fig.tight_layout()
+    return fig
+
+
+def _pred_vs_actual(y: np.ndarray, pred: np.ndarray) -> Any:
+    fig, ax = _figure()
+    ax.scatter(y, pred, s=6, alpha=0.5)
+    lo, hi = float(min(y.min(), pred.min())), float(max(y.max(), pred.max()))
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1)
+    ax.set(xlabel="actual", ylabel="predicted", title="Predicted vs actual (val)")
+    return fig
+
+
+def _residuals(y: np.ndarray, pred: np.ndarray) -> Any:
+    fig, ax = _figure()
+    ax.scatter(pred, y - pred, s=6, alpha=0.5)
+    ax.axhline(0, color="grey", lw=1)
+    ax.set(xlabel="predicted", ylabel="actual - predicted", title="Residuals (val)")
+    return fig
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, classes: tuple[str, ...]) -> Any:
+    from sklearn.metrics import confusion_matrix
+
+    matrix = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    fig, ax = _figure()
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, str(n), ha="center", va="center")
+    ax.set(xlabel="predicted", ylabel="actual", title="Confusion matrix (val)")
+    return fig
+
+
+def _roc(y: np.ndarray, proba: np.ndarray, classes: tuple[str, ...]) -> Any:
+    from sklearn.metrics import roc_curve
+
+    fig, ax = _figure()
+    columns = [1] if len(classes) == 2 else range(len(classes))
+    for k in columns:
+        if len(np.unique(y == k)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(y == k, proba[:, k])
+        ax.plot(fpr, tpr, label=f"class {classes[k]}")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (val)")
+    ax.legend(loc="lower right", fontsize=8)
+    return fig

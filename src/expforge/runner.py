@@ -1,0 +1,309 @@
+"""One run: data -> model -> fit -> score -> log, recorded as one complete MLflow run."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from expforge import config as config_mod
+from expforge.data import Dataset, load_data
+from expforge.errors import ConfigError, ModelError
+from expforge.metrics import default_objective, direction_of, score
+from expforge.models import build_model
+from expforge.tracking import (
+    TrackingSettings,
+    connect,
+    git_info,
+    log_datasets,
+    log_figures,
+    log_model,
+    log_params,
+    tracked_run,
+    versions,
+)
+
+__all__ = ["Objective", "RunContext", "RunResult", "fit", "objective_of", "run_one"]
+
+# Config sections that are not logged as params: hydra is runtime, the space belongs to search.
+_UNLOGGED = ("hydra", "search_space")
+
+
+class Reporter(Protocol):
+    """Receives the validation objective during training; raises to stop (pruning)."""
+
+    metric: str  # e.g. "val_rmse"
+    every: int  # report every k boosting rounds / iterations
+
+    def __call__(self, step: int, value: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the entry point knows about the invocation (Hydra choices and overrides)."""
+
+    choices: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    experiment_id: str
+    metrics: dict[str, float]
+    objective: Objective
+    value: float
+    model_uri: str | None = None
+
+    @property
+    def tracking_uri(self) -> str:
+        import mlflow
+
+        return mlflow.get_tracking_uri()
+
+
+def objective_of(plain: Mapping[str, Any], task: str) -> Objective:
+    """The configured objective, or the task's default when ``metric=auto``."""
+    metric, direction = plain.get("metric", "auto"), plain.get("direction", "auto")
+    if metric in (None, "auto"):
+        metric, default_direction = default_objective(task)
+    else:
+        default_direction = direction_of(str(metric))
+    if direction in (None, "auto"):
+        direction = default_direction
+    if direction not in ("minimize", "maximize"):
+        raise ConfigError(f"direction={direction} is not a direction; use minimize or maximize")
+    return Objective(str(metric), str(direction))
+
+
+def run_one(
+    plain: Mapping[str, Any],
+    context: RunContext | None = None,
+    *,
+    dataset: Dataset | None = None,
+    experiment_id: str | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+    n_jobs: int | None = None,
+    log_model_artifact: bool | None = None,
+    log_plot_artifacts: bool | None = None,
+    reporter: Reporter | None = None,
+    on_start: Callable[[str], None] | None = None,
+) -> tuple[RunResult, Any]:
+    """Train and record one run of the resolved config ``plain``; return it and the model.
+
+    The keyword arguments let a search reuse the loaded dataset and the store connection, hang
+    the run under its parent, and report intermediate values for pruning.
+    """
+    context = context or RunContext()
+    settings = TrackingSettings.from_config(plain["tracking"])
+    if experiment_id is None:
+        experiment_id = connect(settings)
+    root = Path(plain["paths"]["root"])
+    if dataset is None:
+        dataset = load_data(plain["data"], int(plain["seed"]), root)
+    objective = objective_of(plain, dataset.task)
+    model = build_model(
+        plain["model"], dataset.task, dataset.numeric, dataset.categorical,
+        n_jobs=n_jobs or os.cpu_count() or 1,
+    )
+    masked = config_mod.mask_secrets(plain)
+    tags = {
+        **{k: str(v) for k, v in context.choices.items() if k in ("model", "data", "search")},
+        "config_hash": config_mod.config_hash(plain),
+        "dataset_digest": dataset.digest,
+        "task": dataset.task,
+        **git_info(str(root)),
+        **{f"versions.{k}": v for k, v in versions().items()},
+        **settings.tags,
+        **(extra_tags or {}),
+    }
+    run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
+    want_model = settings.log_model if log_model_artifact is None else log_model_artifact
+    want_plots = settings.log_plots if log_plot_artifacts is None else log_plot_artifacts
+
+    import mlflow
+
+    if settings.autolog:
+        mlflow.sklearn.autolog(log_models=want_model, log_datasets=False, silent=True)
+    with tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
+        run_id = run.info.run_id
+        if on_start is not None:
+            on_start(run_id)
+        log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
+        mlflow.log_text(_yaml(masked), "config.yaml")
+        if context.overrides:
+            mlflow.log_text(_yaml(config_mod.mask_secrets(context.overrides)), "overrides.yaml")
+        log_datasets(run_id, dataset)
+        fit_time = fit(model, dataset, plain["model"], reporter)
+        metrics, val_outputs = score(model, dataset)
+        metrics["fit_time_s"] = fit_time
+        if objective.metric not in metrics:
+            raise ConfigError(
+                f"metric={objective.metric} is not computed for a {dataset.task} task; choose "
+                f"one of: {', '.join(sorted(metrics))}"
+            )
+        mlflow.log_metrics(metrics)
+        if want_plots:
+            from expforge.plots import model_figures
+
+            log_figures(model_figures(model, dataset, val_outputs))
+        model_uri = None
+        if want_model and not settings.autolog:
+            model_uri = log_model(model, dataset.train.X).model_uri
+    if settings.autolog:
+        mlflow.sklearn.autolog(disable=True)
+    result = RunResult(
+        run_id=run_id,
+        experiment_id=experiment_id,
+        metrics=metrics,
+        objective=objective,
+        value=float(metrics[objective.metric]),
+        model_uri=model_uri,
+    )
+    return result, model
+
+
+def fit(
+    model: Any,
+    dataset: Dataset,
+    model_cfg: Mapping[str, Any],
+    reporter: Reporter | None = None,
+) -> float:
+    """Fit the pipeline on the train split; return the fit time in seconds.
+
+    With a ``reporter`` (pruning), iterative estimators report the validation objective as
+    they train (see ``Reporter``).
+    """
+    start = time.perf_counter()
+    try:
+        if reporter is None:
+            model.fit(dataset.train.X, dataset.train.y)
+        else:
+            _fit_reporting(model, dataset, reporter)
+    except Exception as exc:
+        rejected = _rejected_param(exc, model_cfg)
+        if rejected is None:
+            raise
+        raise ModelError(rejected) from None
+    return round(time.perf_counter() - start, 4)
+
+
+def _fit_reporting(model: Any, dataset: Dataset, reporter: Reporter) -> None:
+    """Fit step by step so that hopeless trials can be stopped early.
+
+    XGBoost reports from a training callback (its own eval metric when it is the objective,
+    else our metric on staged predictions); HistGradientBoosting grows by warm starts of
+    ``every`` iterations. Other estimators fit at once and report the final value.
+    """
+    preprocess, estimator = model.steps[0][1], model.steps[-1][1]
+    X_train = preprocess.fit_transform(dataset.train.X, dataset.train.y)
+    X_val = preprocess.transform(dataset.val.X)
+    y_train, y_val = dataset.train.y, dataset.val.y
+    every = max(1, int(reporter.every))
+    module = type(estimator).__module__
+    if module.startswith("xgboost"):
+        callback = _xgb_callback(reporter, every, dataset, X_val)
+        estimator.set_params(callbacks=[callback])
+        try:
+            estimator.fit(X_train, y_train, eval_set=[(X_val, y_val)], verbose=False)
+        finally:  # the callback holds the trial: it must not be pickled with the model
+            estimator.set_params(callbacks=None)
+    elif hasattr(estimator, "warm_start") and hasattr(estimator, "max_iter"):
+        total = int(estimator.max_iter)
+        estimator.set_params(warm_start=True)
+        try:
+            for stop in range(every, total + every, every):
+                estimator.set_params(max_iter=min(stop, total))
+                estimator.fit(X_train, y_train)
+                reporter(min(stop, total), _val_objective(estimator, dataset, X_val, reporter))
+        finally:
+            estimator.set_params(warm_start=False, max_iter=total)
+    else:
+        estimator.fit(X_train, y_train)
+        reporter(0, _val_objective(estimator, dataset, X_val, reporter))
+
+
+def _val_objective(estimator: Any, dataset: Dataset, X_val: Any, reporter: Reporter,
+                   **predict_kw: Any) -> float:
+    from expforge.metrics import score_split
+
+    if dataset.task == "regression":
+        pred, proba = estimator.predict(X_val, **predict_kw), None
+    else:
+        proba = estimator.predict_proba(X_val, **predict_kw)
+        pred = proba.argmax(axis=1)
+    values = score_split(dataset.task, dataset.val.y, pred, proba, len(dataset.classes))
+    return values.get(reporter.metric.split("_", 1)[-1], float("nan"))
+
+
+def _xgb_callback(reporter: Reporter, every: int, dataset: Dataset, X_val: Any) -> Any:
+    import xgboost as xgb
+
+    native = {"val_rmse": "rmse", "val_log_loss": "mlogloss" if len(dataset.classes) > 2
+              else "logloss"}.get(reporter.metric)
+
+    class _Report(xgb.callback.TrainingCallback):  # type: ignore[misc]
+        def after_iteration(self, booster: Any, epoch: int, evals_log: Any) -> bool:
+            if (epoch + 1) % every:
+                return False
+            history = next(iter(evals_log.values()), {})
+            if native in history:
+                value = float(history[native][-1])
+            else:
+                value = _booster_objective(booster, epoch, dataset, X_val, reporter)
+            reporter(epoch + 1, value)
+            return False
+
+    return _Report()
+
+
+def _booster_objective(booster: Any, epoch: int, dataset: Dataset, X_val: Any,
+                       reporter: Reporter) -> float:
+    import numpy as np
+    import xgboost as xgb
+
+    from expforge.metrics import score_split
+
+    raw = booster.predict(xgb.DMatrix(X_val), iteration_range=(0, epoch + 1))
+    if dataset.task == "regression":
+        pred, proba = raw, None
+    else:
+        proba = raw if raw.ndim == 2 else np.column_stack([1 - raw, raw])
+        pred = proba.argmax(axis=1)
+    values = score_split(dataset.task, dataset.val.y, pred, proba, len(dataset.classes))
+    return values.get(reporter.metric.split("_", 1)[-1], float("nan"))
+
+
+def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any]) -> str | None:
+    """A one-line message when ``exc`` is the estimator rejecting a hyperparameter."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    estimator = model_cfg.get("name", "model")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, InvalidParameterError):
+        match = re.search(r"The '(\w+)' parameter", first)
+        if match:
+            key = match.group(1)
+            value = model_cfg.get(key, "?")
+            return f"model.{key}={value} is rejected by model={estimator}: {first}"
+        return f"model={estimator} rejects its configuration: {first}"
+    if type(exc).__module__.startswith("xgboost"):
+        return f"model={estimator} (XGBoost) rejects its configuration: {first}"
+    return None
+
+
+def _yaml(tree: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(tree, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,332 @@
+"""The only module that talks to MLflow about runs.
+
+``connect`` checks the store once and makes sure the experiment exists; ``tracked_run`` is a
+context manager that always ends its run (FINISHED, FAILED or KILLED), so nothing is ever
+left RUNNING; the ``log_*`` helpers batch what a run records.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from expforge.config import mask_uri
+from expforge.errors import TrackingError
+
+__all__ = [
+    "TrackingSettings",
+    "connect",
+    "git_info",
+    "log_datasets",
+    "log_figures",
+    "log_model",
+    "tracked_run",
+    "versions",
+]
+
+# The packages whose versions decide whether a run can be reproduced bit for bit.
+KEY_PACKAGES = ("expforge", "mlflow", "scikit-learn", "xgboost", "optuna", "numpy", "pandas",
+                "hydra-core")
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """``cfg.tracking`` as plain values."""
+
+    uri: str
+    experiment: str
+    artifact_root: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_model: bool = True
+    log_plots: bool = True
+    autolog: bool = False
+
+    @classmethod
+    def from_config(cls, tracking: Mapping[str, Any]) -> TrackingSettings:
+        return cls(
+            uri=str(tracking["uri"]),
+            experiment=str(tracking["experiment"]),
+            artifact_root=tracking.get("artifact_root"),
+            run_name=tracking.get("run_name"),
+            tags={str(k): str(v) for k, v in (tracking.get("tags") or {}).items()},
+            log_model=bool(tracking.get("log_model", True)),
+            log_plots=bool(tracking.get("log_plots", True)),
+            autolog=bool(tracking.get("autolog", False)),
+        )
+
+
+def connect(settings: TrackingSettings) -> str:
+    """Point MLflow at ``settings.uri``, fail fast if unusable, return the experiment id."""
+    import mlflow
+
+    check_reachable(settings.uri)
+    mlflow.set_tracking_uri(settings.uri)
+    mlflow.set_registry_uri(settings.uri)
+    return ensure_experiment(settings)
+
+
+def check_reachable(uri: str) -> None:
+    """One quick probe instead of MLflow's minutes of retries against a dead server."""
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    shown = mask_uri(uri)
+    if scheme in ("http", "https"):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                resp.read()
+        except Exception as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"tracking.uri={shown} is unreachable ({reason}); start the tracking server or "
+                "fix tracking.uri"
+            ) from None
+    elif scheme == "sqlite":
+        path = Path(uri.split("sqlite:///", 1)[-1])
+        folder = path.parent
+        if not folder.is_dir():
+            raise TrackingError(
+                f"tracking.uri={shown}: folder {folder} does not exist; create it or fix "
+                "tracking.uri"
+            )
+        writable = os.access(path if path.exists() else folder, os.W_OK)
+        if not writable:
+            raise TrackingError(
+                f"tracking.uri={shown}: {path if path.exists() else folder} is not writable; "
+                "fix its permissions or point tracking.uri elsewhere"
+            )
+    elif scheme in _DB_SCHEMES:
+        parsed = urlparse(uri)
+        host, port = parsed.hostname or "localhost", parsed.port or _default_port(scheme)
+        if host and port:
+            try:
+                socket.create_connection((host, port), timeout=3).close()
+            except OSError as exc:
+                raise TrackingError(
+                    f"tracking.uri={shown} is unreachable ({exc.strerror or exc}); start the "
+                    "database or fix tracking.uri"
+                ) from None
+    elif scheme not in ("file", "databricks", ""):
+        raise TrackingError(
+            f"tracking.uri={shown} has an unknown scheme {scheme!r}; use sqlite:///path, "
+            "http://host:port or postgresql://..."
+        )
+
+
+def _default_port(scheme: str) -> int | None:
+    return {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(scheme)
+
+
+def ensure_experiment(settings: TrackingSettings) -> str:
+    """Get or create the experiment; for database stores its artifacts go to artifact_root."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(settings.uri)
+    try:
+        existing = client.get_experiment_by_name(settings.experiment)
+        if existing is not None:
+            if existing.lifecycle_stage == "deleted":
+                client.restore_experiment(existing.experiment_id)
+            return str(existing.experiment_id)
+        location = None
+        scheme = urlparse(settings.uri).scheme.split("+", 1)[0]
+        if settings.artifact_root and scheme in _DB_SCHEMES:
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "-", settings.experiment).strip("-") or "default"
+            location = Path(settings.artifact_root, slug).resolve().as_uri()
+        try:
+            return str(client.create_experiment(settings.experiment, artifact_location=location))
+        except MlflowException as exc:  # another process created it first
+            found = client.get_experiment_by_name(settings.experiment)
+            if found is None:
+                raise TrackingError(
+                    f"tracking.experiment={settings.experiment} cannot be created: {exc.message}"
+                ) from None
+            return str(found.experiment_id)
+    except MlflowException as exc:
+        first = str(exc.message).splitlines()[0]
+        raise TrackingError(f"tracking.uri={mask_uri(settings.uri)}: {first}") from None
+
+
+@contextmanager
+def tracked_run(
+    experiment_id: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    run_id: str | None = None,
+) -> Iterator[Any]:
+    """An active MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED."""
+    import mlflow
+
+    run = mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else run_name,
+        parent_run_id=parent_run_id,
+        tags=dict(tags or {}),
+    )
+    try:
+        yield run
+    except (KeyboardInterrupt, SystemExit):
+        _end(run, "KILLED")
+        raise
+    except BaseException as exc:
+        try:
+            mlflow.set_tag("error", _one_line(exc))
+            mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
+        finally:
+            _end(run, "FAILED")
+        raise
+    else:
+        _end(run, "FINISHED")
+
+
+def _end(run: Any, status: str) -> None:
+    import mlflow
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run.info.run_id:
+        mlflow.end_run(status)
+    else:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]
+
+
+def log_params(params: Mapping[str, str]) -> None:
+    """All params in batched calls (MLflow splits batches of 100 itself)."""
+    import mlflow
+
+    mlflow.log_params(dict(params))
+
+
+def log_figures(figures: Mapping[str, Any]) -> None:
+    import mlflow
+
+    for path, fig in figures.items():
+        mlflow.log_figure(fig, path)
+
+
+_DATASET_ENTITIES: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+
+def _dataset_entities(dataset: Any) -> tuple[Any, ...]:
+    """MLflow dataset entities for each split, built once per loaded dataset."""
+    key = (dataset.name, dataset.source, dataset.digest)
+    if key not in _DATASET_ENTITIES:
+        _DATASET_ENTITIES[key] = _build_dataset_entities(dataset)
+    return _DATASET_ENTITIES[key]
+
+
+def _build_dataset_entities(dataset: Any) -> tuple[Any, ...]:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.types.utils import _infer_schema
+
+    schema = json.dumps({"mlflow_colspec": _infer_schema(
+        dataset.train.X.head(100).assign(**{dataset.target: dataset.train.y.head(100)})
+    ).to_dict()})
+    source_type = "local" if "/" in dataset.source else "code"
+    inputs = []
+    for split_name, split in dataset.splits.items():
+        profile = json.dumps({"num_rows": len(split.X),
+                              "num_elements": int(split.X.size + len(split.y))})
+        entity = Dataset(
+            name=f"{dataset.name}-{split_name}",
+            digest=f"{dataset.digest}-{split_name}"[:36],
+            source_type=source_type,
+            source=json.dumps({"uri": dataset.source}),
+            schema=schema,
+            profile=profile,
+        )
+        inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", split_name)]))
+    return tuple(inputs)
+
+
+def log_datasets(run_id: str, dataset: Any) -> None:
+    """Record train/val/test as the run's dataset inputs, with digest and source."""
+    import mlflow
+
+    mlflow.MlflowClient().log_inputs(run_id, datasets=list(_dataset_entities(dataset)))
+
+
+def log_model(model: Any, input_example: Any, name: str = "model") -> Any:
+    """Log the fitted Pipeline with signature, example and explicit pip requirements.
+
+    Giving the requirements skips MLflow's inference subprocess (seconds per call). The
+    format is skops, trusting exactly the types this model holds.
+    """
+    import mlflow
+    import skops.io
+    from mlflow.models import infer_signature
+
+    example = input_example.head(5)
+    signature = infer_signature(example, model.predict(example))
+    trusted = skops.io.get_untrusted_types(data=skops.io.dumps(model))
+    return mlflow.sklearn.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(model),
+        serialization_format="skops",
+        skops_trusted_types=trusted,
+    )
+
+
+def _pip_requirements(model: Any) -> list[str]:
+    packages = ["scikit-learn", "skops", "pandas", "numpy", "scipy", "cloudpickle"]
+    estimator = type(model.steps[-1][1]).__module__
+    if estimator.startswith("xgboost"):
+        packages.append("xgboost")
+    return [f"{p}=={metadata.version(p)}" for p in packages if _installed(p)]
+
+
+def _installed(package: str) -> bool:
+    try:
+        metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def versions() -> dict[str, str]:
+    """Versions of python and the key packages, recorded on every run."""
+    found = {"python": sys.version.split()[0]}
+    for package in KEY_PACKAGES:
+        found[package] = metadata.version(package) if _installed(package) else "absent"
+    return found
+
+
+@functools.lru_cache(maxsize=4)
+def git_info(root: str) -> dict[str, str]:
+    """Commit and dirty flag of the project repository (empty outside a git checkout)."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                              timeout=10, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
