@@ -48,7 +48,8 @@ def score_split(
                                      zero_division=0)),
     }
     if proba is not None:
-        proba = np.clip(np.asarray(proba, dtype=float), 1e-15, 1 - 1e-15)
+        proba = np.asarray(proba, dtype=float)
+        proba = proba / proba.sum(axis=1, keepdims=True)  # float32 rows may not sum to 1
         out["log_loss"] = float(metrics.log_loss(y_true, proba, labels=labels))
         try:
             if task == "binary":

@@ -107,9 +107,8 @@ def run_one(
     """
     context = context or RunContext()
     settings = TrackingSettings.from_config(plain["tracking"])
-    if experiment_id is None:
-        experiment_id = connect(settings)
     root = Path(plain["paths"]["root"])
+    # Bad data or model config fails here, before the store is touched: no run to clean up.
     if dataset is None:
         dataset = load_data(plain["data"], int(plain["seed"]), root)
     objective = objective_of(plain, dataset.task)
@@ -117,6 +116,8 @@ def run_one(
         plain["model"], dataset.task, dataset.numeric, dataset.categorical,
         n_jobs=n_jobs or os.cpu_count() or 1,
     )
+    if experiment_id is None:
+        experiment_id = connect(settings)
     masked = config_mod.mask_secrets(plain)
     tags = {
         **{k: str(v) for k, v in context.choices.items() if k in ("model", "data", "search")},
