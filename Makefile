@@ -22,11 +22,11 @@ run: $(VENV)/.stamp-run
 	$(BIN)/python run.py
 
 test: $(VENV)/.stamp-dev
-	$(BIN)/ruff check src tests benchmarks run.py register.py
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.stamp-dev
-	$(BIN)/ruff check src tests benchmarks run.py register.py
+	$(BIN)/ruff check .
 
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python benchmarks/run.py
