@@ -95,15 +95,17 @@ def run_one(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
     n_jobs: int | None = None,
-    log_model_artifact: bool | None = None,
+    log_model_artifact: bool | Callable[[dict[str, float]], bool] | None = None,
     log_plot_artifacts: bool | None = None,
     reporter: Reporter | None = None,
     on_start: Callable[[str], None] | None = None,
+    stop_early: tuple[type[BaseException], ...] = (),
 ) -> tuple[RunResult, Any]:
     """Train and record one run of the resolved config ``plain``; return it and the model.
 
     The keyword arguments let a search reuse the loaded dataset and the store connection, hang
-    the run under its parent, and report intermediate values for pruning.
+    the run under its parent, report intermediate values for pruning (``stop_early`` ends
+    the run FINISHED), and decide from the metrics whether the model is worth logging.
     """
     context = context or RunContext()
     settings = TrackingSettings.from_config(plain["tracking"])
@@ -131,13 +133,16 @@ def run_one(
     }
     run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
     want_model = settings.log_model if log_model_artifact is None else log_model_artifact
-    want_plots = settings.log_plots if log_plot_artifacts is None else log_plot_artifacts
+    want_plots: bool | None = settings.log_plots and log_plot_artifacts is not False
+    if log_plot_artifacts is None and callable(log_model_artifact):
+        want_plots = None if settings.log_plots else False
 
     import mlflow
 
     if settings.autolog:
-        mlflow.sklearn.autolog(log_models=want_model, log_datasets=False, silent=True)
-    with tracked_run(experiment_id, run_name, tags, parent_run_id) as run:
+        mlflow.sklearn.autolog(log_models=want_model is not False, log_datasets=False, silent=True)
+    with tracked_run(experiment_id, run_name, tags, parent_run_id,
+                     stop_early=stop_early) as run:
         run_id = run.info.run_id
         if on_start is not None:
             on_start(run_id)
@@ -155,6 +160,10 @@ def run_one(
                 f"one of: {', '.join(sorted(metrics))}"
             )
         mlflow.log_metrics(metrics)
+        if callable(want_model):
+            want_model = want_model(metrics)
+        if want_plots is None:  # plots follow the model: a search plots what it keeps
+            want_plots = bool(want_model)
         if want_plots:
             from expforge.plots import model_figures
 

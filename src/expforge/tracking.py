@@ -34,6 +34,8 @@ __all__ = [
     "log_datasets",
     "log_figures",
     "log_model",
+    "log_params",
+    "set_tags",
     "tracked_run",
     "versions",
 ]
@@ -171,11 +173,17 @@ def tracked_run(
     tags: Mapping[str, str] | None = None,
     parent_run_id: str | None = None,
     run_id: str | None = None,
+    stop_early: tuple[type[BaseException], ...] = (),
 ) -> Iterator[Any]:
-    """An active MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED."""
+    """An active MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED.
+
+    ``stop_early`` exceptions (a pruned trial) end the run FINISHED and propagate.
+    """
     import mlflow
 
+    active = mlflow.active_run()
     run = mlflow.start_run(
+        nested=active is not None,  # a trial of an in-process study, under its parent
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
         run_name=None if run_id else run_name,
@@ -186,6 +194,9 @@ def tracked_run(
         yield run
     except (KeyboardInterrupt, SystemExit):
         _end(run, "KILLED")
+        raise
+    except stop_early:
+        _end(run, "FINISHED")
         raise
     except BaseException as exc:
         try:
@@ -211,6 +222,14 @@ def _end(run: Any, status: str) -> None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags on any run, active or not, in one batch."""
+    import mlflow
+    from mlflow.entities import RunTag
+
+    mlflow.MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_params(params: Mapping[str, str]) -> None:

@@ -1,0 +1,848 @@
+"""An Optuna study in which every trial is a full expforge run under one parent run.
+
+Shape of a search::
+
+    coordinator: load data once -> check space -> fork workers -> open study + parent run
+                 -> (progress) -> top trials, plots, best on the parent
+    worker k:    connect -> loop { budget left? -> ask -> run_one(child run) -> tell }
+
+Workers are processes, not threads (MLflow's active run is per thread, the GIL serialises
+fits). They are forked before MLflow or a storage connection exists, so nothing with a socket
+or a database handle crosses a fork, and the loaded dataset is shared copy-on-write. With one
+worker everything runs in-process. ``search.n_trials`` is the study's total budget: trials
+COMPLETE or PRUNED count, and a trial only starts while fewer than ``n_trials`` are finished
+or running, so several workers and later resumes never overshoot it.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from expforge import config as config_mod
+from expforge.data import Dataset, load_data
+from expforge.errors import ConfigError, ExpforgeError, SearchError
+from expforge.metrics import direction_of
+from expforge.runner import Objective, RunContext, objective_of, run_one
+from expforge.space import Param, apply_params, grid_of, parse_space, suggest
+from expforge.tracking import TrackingSettings, connect, set_tags, tracked_run
+
+__all__ = ["SearchSettings", "run_search"]
+
+ALLOWED_PREFIXES = ("optuna.",)
+_STUDY_ROLE = "study"
+_RUN_ATTR = "mlflow_run_id"
+_PID_ATTR = "expforge.pid"
+_HOST_ATTR = "expforge.host"
+_SKIPPED_ATTR = "expforge.skipped"
+_PARENT_ATTR = "mlflow_parent_run_id"
+_LOG_MODELS = ("all", "best", "none")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """``cfg.search`` as checked plain values."""
+
+    n_trials: int
+    timeout: float | None
+    study_name: str
+    storage: str
+    n_workers: int
+    objectives: tuple[Objective, ...]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any] | None
+    report_every: int
+    log_models: str
+    max_failure_ratio: float
+    heartbeat_interval: int | None
+    grace_period: int | None
+    top_k: int
+    plots: bool
+    seed: int = 0
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+
+def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
+    """Check ``cfg.search`` and fill in the derived defaults (study name, storage)."""
+    s = plain["search"]
+    n_trials = _positive_int("search.n_trials", s.get("n_trials"))
+    n_workers = _positive_int("search.n_workers", s.get("n_workers", 1))
+    report_every = _positive_int("search.report_every", s.get("report_every", 10))
+    timeout = s.get("timeout")
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError(f"search.timeout={timeout} is invalid; give seconds > 0 or null")
+    log_models = s.get("log_models", "best")
+    if log_models not in _LOG_MODELS:
+        raise ConfigError(
+            f"search.log_models={log_models} is invalid; choose one of: {', '.join(_LOG_MODELS)}"
+        )
+    ratio = float(s.get("max_failure_ratio", 0.5))
+    if not 0 <= ratio <= 1:
+        raise ConfigError(f"search.max_failure_ratio={ratio} is invalid; give a share in [0, 1]")
+    metrics, directions = s.get("metrics"), s.get("directions")
+    if metrics:
+        directions = directions or [direction_of(m) for m in metrics]
+        if len(directions) != len(metrics):
+            raise ConfigError(
+                f"search.directions={directions} must have one direction per search.metrics "
+                f"entry ({len(metrics)})"
+            )
+        objectives = tuple(Objective(str(m), str(d)) for m, d in zip(metrics, directions, strict=True))
+        for o in objectives:
+            if o.direction not in ("minimize", "maximize"):
+                raise ConfigError(
+                    f"search.directions={directions}: {o.direction} is not minimize or maximize"
+                )
+    else:
+        objectives = (objective_of(plain, task),)
+    experiment = plain["tracking"]["experiment"]
+    study_name = s.get("study_name") or (
+        f"{experiment}-{plain['data']['name']}-{plain['model'].get('name', 'model')}"
+    )
+    storage = s.get("storage") or str(
+        Path(plain["paths"]["root"], "studies", f"{_slug(study_name)}.journal")
+    )
+    if n_workers > 1 and str(storage).startswith("sqlite"):
+        raise ConfigError(
+            f"search.storage={storage} with search.n_workers={n_workers}: SQLite is not safe for "
+            "parallel workers; use a journal file (search.storage=studies/<name>.journal, the "
+            "default) or PostgreSQL (search.storage=postgresql://...)"
+        )
+    pruner = s.get("pruner")
+    return SearchSettings(
+        n_trials=n_trials,
+        timeout=timeout,
+        study_name=str(study_name),
+        storage=str(storage),
+        n_workers=n_workers,
+        objectives=objectives,
+        sampler=dict(s.get("sampler") or {"_target_": "optuna.samplers.TPESampler"}),
+        pruner=dict(pruner) if pruner else None,
+        report_every=report_every,
+        log_models=str(log_models),
+        max_failure_ratio=ratio,
+        heartbeat_interval=s.get("heartbeat_interval"),
+        grace_period=s.get("grace_period"),
+        top_k=int(s.get("top_k", 10)),
+        plots=bool(s.get("plots", True)),
+        seed=int(plain.get("seed", 0)),
+    )
+
+
+def _positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}={value} is invalid; give a whole number >= 1")
+    return value
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "study"
+
+
+# -- the entry point -----------------------------------------------------------------------
+
+
+def run_search(plain: Mapping[str, Any], context: RunContext | None = None) -> float | None:
+    """``python run.py search=optuna``: run the study to its budget; return the best value."""
+    context = context or RunContext()
+    root = Path(plain["paths"]["root"])
+    dataset = load_data(plain["data"], int(plain["seed"]), root)
+    settings = settings_of(plain, dataset.task)
+    params = parse_space(plain.get("search_space"), plain)
+    _sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
+    _pruner(settings)
+    tracking = TrackingSettings.from_config(plain["tracking"])
+    job = _Job(plain, context, dataset, settings, params, tracking)
+    if settings.n_workers == 1:
+        return _coordinate(job, [])
+    workers = _fork_workers(job)
+    return _coordinate(job, workers)
+
+
+@dataclass
+class _Job:
+    """Everything a worker needs; inherited by forked workers, never pickled."""
+
+    plain: Mapping[str, Any]
+    context: RunContext
+    dataset: Dataset
+    settings: SearchSettings
+    params: list[Param]
+    tracking: TrackingSettings
+    parent_run_id: str = ""
+    experiment_id: str = ""
+
+
+@dataclass
+class _Worker:
+    process: Any
+    channel: Any
+    reaped: bool = False
+
+
+def _fork_workers(job: _Job) -> list[_Worker]:
+    ctx = multiprocessing.get_context("fork")
+    workers = []
+    for index in range(job.settings.n_workers):
+        receive, send = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_worker_main, args=(job, index, receive),
+                              name=f"expforge-worker-{index}", daemon=False)
+        process.start()
+        receive.close()
+        workers.append(_Worker(process, send))
+    return workers
+
+
+def _worker_main(job: _Job, index: int, channel: Any) -> None:
+    """A forked worker: wait for the parent run, then take trials until the budget is spent."""
+    import sys
+
+    try:
+        message = channel.recv()
+    except (EOFError, KeyboardInterrupt):
+        sys.exit(1)
+    if message is None:
+        sys.exit(0)
+    job.parent_run_id, job.experiment_id = message
+    try:
+        connect(job.tracking)
+        study = _open_study(job.settings, job.params, index, job.tracking)
+        _optimize(job, study, index, progress=None)
+    except ExpforgeError as exc:
+        print(f"error: worker {index}: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _coordinate(job: _Job, workers: list[_Worker]) -> float | None:
+    settings = job.settings
+    try:
+        job.experiment_id = connect(job.tracking)
+        study = _open_study(settings, job.params, 0, job.tracking)
+        _reap_orphans(study, job.tracking)
+        parent_id, resumed = _parent_run(job, study)
+    except BaseException:
+        for w in workers:
+            w.channel.send(None)
+        raise
+    job.parent_run_id = parent_id
+    with tracked_run(job.experiment_id, run_id=parent_id) as parent:
+        if not resumed:
+            _log_parent_config(job)
+        for w in workers:
+            w.channel.send((parent_id, job.experiment_id))
+        with _Progress(settings, study) as progress:
+            try:
+                if workers:
+                    _watch(job, study, workers, progress)
+                else:
+                    _optimize(job, study, 0, progress)
+            except BaseException:
+                _stop_workers(workers)
+                raise
+        best = _finish(job, study, parent.info.run_id)
+    return best
+
+
+# -- the optimisation loop -----------------------------------------------------------------
+
+
+def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> None:
+    """Take trials until the study's budget is spent, the timeout passes or too many fail."""
+    settings = job.settings
+    deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
+    objective = _Objective(job, study, index)
+    callbacks = [_update_parent(job)]
+    if progress is not None:
+        callbacks.append(progress.callback)
+    while time.monotonic() < deadline:
+        counts = _counts(study)
+        if counts.taken >= settings.n_trials:
+            break
+        _check_failures(settings, counts, study)
+        study.optimize(
+            objective,
+            n_trials=1,
+            catch=(Exception,),
+            callbacks=callbacks,
+            gc_after_trial=False,
+            show_progress_bar=False,
+        )
+        if objective.budget_reached:
+            break
+    _check_failures(settings, _counts(study), study)
+
+
+class _Objective:
+    """One trial = suggest -> a child run via run_one -> the objective value(s)."""
+
+    def __init__(self, job: _Job, study: Any, index: int) -> None:
+        self.job, self.study, self.index = job, study, index
+        self.threads = max(1, (os.cpu_count() or 1) // job.settings.n_workers)
+        self.budget_reached = False
+
+    def __call__(self, trial: Any) -> Any:
+        import optuna
+
+        job, settings = self.job, self.job.settings
+        trial.set_user_attr(_PID_ATTR, os.getpid())
+        trial.set_user_attr(_HOST_ATTR, socket.gethostname())
+        if _rank(self.study, trial.number) >= settings.n_trials:
+            # Another worker took the last slot between our check and our ask.
+            self.budget_reached = True
+            trial.set_user_attr(_SKIPPED_ATTR, "budget reached")
+            raise _BudgetReached(f"the budget of {settings.n_trials} trials is spent")
+        chosen = suggest(trial, job.params, job.plain, job.dataset.task)
+        cfg = apply_params(job.plain, chosen)
+        cfg["tracking"]["run_name"] = f"{settings.study_name}-trial-{trial.number}"
+        tags = {
+            "optuna.study_name": settings.study_name,
+            "optuna.trial_number": str(trial.number),
+            "optuna.trial_state": "RUNNING",
+            "expforge.role": "trial",
+        }
+        reporter = None
+        if not settings.multi_objective and settings.pruner is not None:
+            reporter = _TrialReporter(trial, settings.objectives[0].metric,
+                                      settings.report_every)
+        run_ids: list[str] = []
+
+        def started(run_id: str) -> None:
+            run_ids.append(run_id)
+            trial.set_user_attr(_RUN_ATTR, run_id)
+
+        try:
+            result, _ = run_one(
+                cfg,
+                job.context,
+                dataset=job.dataset,
+                experiment_id=job.experiment_id,
+                parent_run_id=job.parent_run_id,
+                extra_tags=tags,
+                n_jobs=self.threads,
+                log_model_artifact=self._keep_model(),
+                log_plot_artifacts=False if settings.log_models == "none" else None,
+                reporter=reporter,
+                on_start=started,
+                stop_early=(optuna.TrialPruned,),
+            )
+        except optuna.TrialPruned:
+            raise
+        except BaseException as exc:
+            if run_ids:
+                set_tags(run_ids[0], {"optuna.trial_state": "FAIL"})
+            if isinstance(exc, ExpforgeError):
+                trial.set_user_attr("error", str(exc)[:1000])
+            raise
+        values = tuple(_metric(result.metrics, o.metric) for o in settings.objectives)
+        set_tags(result.run_id, {"optuna.trial_state": "COMPLETE"})
+        return values if settings.multi_objective else values[0]
+
+    def _keep_model(self) -> bool | Callable[[dict[str, float]], bool]:
+        mode = self.job.settings.log_models
+        if mode != "best" or self.job.settings.multi_objective:
+            return mode != "none"
+        objective = self.job.settings.objectives[0]
+
+        def improves(metrics: dict[str, float]) -> bool:
+            value = metrics.get(objective.metric)
+            if value is None or math.isnan(value):
+                return False
+            try:
+                best = self.study.best_value
+            except ValueError:  # no complete trial yet
+                return True
+            return value < best if objective.direction == "minimize" else value > best
+
+        return improves
+
+
+class _BudgetReached(Exception):
+    """A worker asked for a trial after the last slot was taken."""
+
+
+class _TrialReporter:
+    """Reports the val objective to Optuna; prunes and tags the child run when told to."""
+
+    def __init__(self, trial: Any, metric: str, every: int) -> None:
+        self.trial, self.metric, self.every = trial, metric, every
+
+    def __call__(self, step: int, value: float) -> None:
+        import optuna
+
+        if math.isnan(value):
+            return
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            run_id = self.trial.user_attrs.get(_RUN_ATTR)
+            if run_id:
+                set_tags(run_id, {"pruned": "true", "pruned_step": step,
+                                  "optuna.trial_state": "PRUNED"})
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+
+def _metric(metrics: Mapping[str, float], name: str) -> float:
+    if name not in metrics:
+        raise ConfigError(
+            f"search.metrics lists {name}, which the runs do not log; choose one of: "
+            f"{', '.join(sorted(metrics))}"
+        )
+    return float(metrics[name])
+
+
+@dataclass(frozen=True)
+class _Counts:
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    last_error: str = ""
+
+    @property
+    def done(self) -> int:
+        return self.complete + self.pruned
+
+    @property
+    def taken(self) -> int:
+        return self.done + self.running
+
+
+def _counts(study: Any) -> _Counts:
+    from optuna.trial import TrialState
+
+    c = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAIL: 0, TrialState.RUNNING: 0}
+    last_error = ""
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.FAIL and _SKIPPED_ATTR in t.user_attrs:
+            continue
+        if t.state in c:
+            c[t.state] += 1
+        if t.state == TrialState.FAIL and t.user_attrs.get("error"):
+            last_error = t.user_attrs["error"]
+    return _Counts(c[TrialState.COMPLETE], c[TrialState.PRUNED], c[TrialState.FAIL],
+                   c[TrialState.RUNNING], last_error)
+
+
+def _rank(study: Any, number: int) -> int:
+    """How many trials before ``number`` hold a budget slot (finished or running)."""
+    from optuna.trial import TrialState
+
+    holding = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=holding) if t.number < number)
+
+
+def _check_failures(settings: SearchSettings, counts: _Counts, study: Any) -> None:
+    finished = counts.done + counts.failed
+    if finished >= 4 and counts.failed / finished > settings.max_failure_ratio:
+        detail = f"; last error: {counts.last_error}" if counts.last_error else ""
+        raise SearchError(
+            f"search.max_failure_ratio={settings.max_failure_ratio} exceeded: {counts.failed} of "
+            f"{finished} trials failed{detail} (the failed child runs hold the tracebacks)"
+        )
+
+
+def _watch(job: _Job, study: Any, workers: list[_Worker], progress: _Progress) -> None:
+    """Follow forked workers; a worker that dies has its trial failed so the slot is retried."""
+    while any(w.process.is_alive() for w in workers):
+        time.sleep(0.5)
+        progress.refresh()
+        for w in workers:
+            if not w.process.is_alive() and not w.reaped:
+                w.reaped = True
+                if w.process.exitcode not in (0, None):
+                    _fail_trials_of(study, job.tracking, w.process.pid, "KILLED")
+    progress.refresh()
+    codes = [w.process.exitcode for w in workers]
+    counts = _counts(study)
+    if counts.taken < job.settings.n_trials and all(c != 0 for c in codes):
+        _check_failures(job.settings, counts, study)
+        raise SearchError(
+            f"every worker stopped (exit codes {codes}) with {counts.done} of "
+            f"{job.settings.n_trials} trials done; see the messages above"
+        )
+
+
+def _stop_workers(workers: list[_Worker]) -> None:
+    import signal
+
+    for w in workers:
+        if w.process.is_alive():
+            os.kill(w.process.pid, signal.SIGTERM)
+    for w in workers:
+        w.process.join(timeout=60)
+
+
+# -- study and storage ---------------------------------------------------------------------
+
+
+def _storage(settings: SearchSettings, tracking: TrackingSettings) -> Any:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    url = settings.storage
+    if "://" not in url:
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    if url.startswith(("postgresql", "mysql")):
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=settings.heartbeat_interval,
+            grace_period=settings.grace_period,
+            failed_trial_callback=_FailedTrialRun(tracking.uri),
+            engine_kwargs={"pool_pre_ping": True},
+        )
+    return optuna.storages.RDBStorage(url)
+
+
+class _FailedTrialRun:
+    """Heartbeat callback: the trial of a vanished worker is FAIL, so is its run."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        _end_trial_run(trial, self.tracking_uri, "FAILED")
+
+
+def _open_study(settings: SearchSettings, params: list[Param], index: int,
+                tracking: TrackingSettings) -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        storage = _storage(settings, tracking)
+        return optuna.create_study(
+            study_name=settings.study_name,
+            storage=storage,
+            sampler=_sampler(settings, params, index),
+            pruner=_pruner(settings),
+            directions=settings.directions,
+            load_if_exists=True,
+        )
+    except ValueError as exc:  # directions differ from the stored study
+        raise SearchError(
+            f"search.study_name={settings.study_name}: {exc}; pick another study name"
+        ) from None
+    except Exception as exc:
+        if isinstance(exc, ExpforgeError):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SearchError(
+            f"search.storage={config_mod.mask_uri(settings.storage)} cannot be opened: {first}"
+        ) from None
+
+
+def _instantiate(key: str, spec: Mapping[str, Any], **extra: Any) -> Any:
+    from hydra.utils import instantiate
+
+    target = str(spec.get("_target_", ""))
+    if not target.startswith(ALLOWED_PREFIXES):
+        raise ConfigError(
+            f"{key}._target_={target} is not allowed; samplers and pruners come from optuna. "
+            "(e.g. optuna.samplers.RandomSampler)"
+        )
+    try:
+        return instantiate({**spec, **extra}, _convert_="all")
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise ConfigError(
+            f"{key}._target_={target} cannot be built ({first}); use e.g. "
+            "optuna.samplers.TPESampler, RandomSampler, CmaEsSampler, GridSampler, NSGAIISampler"
+        ) from None
+
+
+def _sampler(settings: SearchSettings, params: list[Param], index: int) -> Any:
+    spec = dict(settings.sampler)
+    extra: dict[str, Any] = {}
+    if "seed" in spec and spec["seed"] is not None:
+        spec["seed"] = int(spec["seed"]) + index  # parallel workers must not mirror each other
+    if str(spec.get("_target_", "")).endswith("GridSampler") and "search_space" not in spec:
+        extra["search_space"] = grid_of(params)
+    return _instantiate("search.sampler", spec, **extra)
+
+
+def _pruner(settings: SearchSettings) -> Any:
+    if settings.pruner is None:
+        import optuna
+
+        return optuna.pruners.NopPruner()
+    return _instantiate("search.pruner", settings.pruner)
+
+
+def _reap_orphans(study: Any, tracking: TrackingSettings) -> None:
+    """RUNNING trials left by dead processes of this host (SIGKILL): FAIL, their runs KILLED."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get(_PID_ATTR)
+        if t.user_attrs.get(_HOST_ATTR) == host and pid and not _alive(int(pid)):
+            _fail_trial(study, t, tracking.uri, "KILLED")
+
+
+def _fail_trials_of(study: Any, tracking: TrackingSettings, pid: int | None, status: str) -> None:
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(_PID_ATTR) == pid:
+            _fail_trial(study, t, tracking.uri, status)
+
+
+def _fail_trial(study: Any, trial: Any, tracking_uri: str, status: str) -> None:
+    from optuna.trial import TrialState
+
+    try:
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except Exception:
+        return  # already finished by someone else
+    _end_trial_run(trial, tracking_uri, status)
+
+
+def _end_trial_run(trial: Any, tracking_uri: str, status: str) -> None:
+    import mlflow
+
+    run_id = trial.user_attrs.get(_RUN_ATTR)
+    if not run_id:
+        return
+    client = mlflow.MlflowClient(tracking_uri)
+    try:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+        client.set_tag(run_id, "optuna.trial_state", "FAIL")
+    except Exception:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# -- the parent run ------------------------------------------------------------------------
+
+
+def _parent_run(job: _Job, study: Any) -> tuple[str, bool]:
+    """The study's parent run: reused on resume and by other machines, else created."""
+    import mlflow
+
+    client = mlflow.MlflowClient(job.tracking.uri)
+    existing = study.user_attrs.get(_PARENT_ATTR)
+    if existing:
+        try:
+            client.get_run(existing)
+            return existing, True
+        except Exception:
+            pass  # the run was deleted: start a new parent
+    settings = job.settings
+    tags = {
+        "expforge.role": _STUDY_ROLE,
+        "optuna.study_name": settings.study_name,
+        "optuna.storage": config_mod.mask_uri(settings.storage),
+        **{k: v for k, v in job.context.choices.items() if k in ("model", "data", "search")},
+        **job.tracking.tags,
+    }
+    run = client.create_run(job.experiment_id, tags=tags, run_name=settings.study_name)
+    study.set_user_attr(_PARENT_ATTR, run.info.run_id)
+    winner = study.user_attrs.get(_PARENT_ATTR)  # two first workers: the last write wins
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+        return winner, True
+    return run.info.run_id, False
+
+
+def _log_parent_config(job: _Job) -> None:
+    import mlflow
+
+    masked = config_mod.mask_secrets(dict(job.plain))
+    mlflow.log_params(config_mod.param_values(masked, exclude=("hydra",)))
+    import yaml
+
+    mlflow.log_text(yaml.safe_dump(masked, sort_keys=False), "config.yaml")
+
+
+def _update_parent(job: _Job) -> Callable[[Any, Any], None]:
+    """After each trial: the parent run's best so far (params, value, trial number)."""
+    from optuna.trial import TrialState
+
+    def callback(study: Any, trial: Any) -> None:
+        if trial.state != TrialState.COMPLETE or job.settings.multi_objective:
+            return
+        try:
+            best = study.best_trial
+        except ValueError:
+            return
+        if best.number != trial.number:
+            return
+        import mlflow
+
+        client = mlflow.MlflowClient(job.tracking.uri)
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        metric = job.settings.objectives[0].metric
+        client.log_batch(
+            job.parent_run_id,
+            metrics=[Metric(f"best_{metric}", float(best.value), now, trial.number)],
+            tags=[RunTag("best_trial", str(best.number)),
+                  RunTag("best_run_id", str(best.user_attrs.get(_RUN_ATTR, ""))),
+                  *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())],
+        )
+
+    return callback
+
+
+def _finish(job: _Job, study: Any, parent_id: str) -> float | None:
+    """Top trials, Optuna's plots and the final counts on the parent; a table on screen."""
+    import mlflow
+
+    settings = job.settings
+    counts = _counts(study)
+    mlflow.log_metrics({"n_complete": counts.complete, "n_pruned": counts.pruned,
+                        "n_failed": counts.failed})
+    table = _top_trials(study, settings)
+    if table is not None:
+        mlflow.log_text(table.to_csv(index=False), "top_trials.csv")
+    if settings.plots and counts.complete >= 2:
+        _log_study_plots(study, settings)
+    _print_report(study, settings, counts, table, parent_id)
+    if settings.multi_objective or counts.complete == 0:
+        return None
+    return float(study.best_value)
+
+
+def _top_trials(study: Any, settings: SearchSettings) -> Any:
+    from optuna.trial import TrialState
+
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not trials:
+        return None
+    import pandas as pd
+
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"trial": t.number, "run_id": t.user_attrs.get(_RUN_ATTR, "")}
+        for o, v in zip(settings.objectives, t.values, strict=True):
+            row[o.metric] = v
+        row.update(t.params)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    first = settings.objectives[0]
+    frame = frame.sort_values(first.metric, ascending=first.direction == "minimize")
+    return frame.head(settings.top_k).reset_index(drop=True)
+
+
+def _log_study_plots(study: Any, settings: SearchSettings) -> None:
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import mlflow
+    from optuna.visualization import matplotlib as vis
+
+    target = None if not settings.multi_objective else (lambda t: t.values[0])
+    name = settings.objectives[0].metric
+    plots = {
+        "plots/optimization_history.png": lambda: vis.plot_optimization_history(
+            study, target=target, target_name=name),
+        "plots/param_importances.png": lambda: vis.plot_param_importances(
+            study, target=target, target_name=name),
+        "plots/slice.png": lambda: vis.plot_slice(study, target=target, target_name=name),
+        "plots/parallel_coordinate.png": lambda: vis.plot_parallel_coordinate(
+            study, target=target, target_name=name),
+    }
+    for path, draw in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = draw()
+            except Exception:
+                continue  # e.g. importances need two params that vary
+        fig = getattr(axes, "figure", None)
+        if fig is None and hasattr(axes, "flat"):
+            fig = axes.flat[0].figure
+        if fig is not None:
+            fig.set_size_inches(8, 5)
+            mlflow.log_figure(fig, path)
+            plt.close(fig)
+
+
+def _print_report(study: Any, settings: SearchSettings, counts: _Counts, table: Any,
+                  parent_id: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if table is not None:
+        shown = Table(title=f"top trials of {settings.study_name}", title_justify="left")
+        for col in table.columns:  # model.max_depth -> max_depth keeps the table narrow
+            shown.add_column(str(col).rsplit(".", 1)[-1], justify="right")
+        for _, row in table.iterrows():
+            shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v)[:8] for v in row))
+        console.print(shown)
+    console.print(
+        f"study {settings.study_name}: {counts.complete} complete, {counts.pruned} pruned, "
+        f"{counts.failed} failed of {settings.n_trials}; parent run {parent_id}"
+    )
+
+
+class _Progress:
+    """A live bar: trials done/pruned/failed of the budget, best value and its trial."""
+
+    def __init__(self, settings: SearchSettings, study: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.settings, self.study = settings, study
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+                            transient=False)
+        self.task = self.bar.add_task(settings.study_name, total=settings.n_trials, status="")
+
+    def __enter__(self) -> _Progress:
+        self.bar.start()
+        self.refresh()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.refresh()
+        self.bar.stop()
+
+    def callback(self, study: Any, trial: Any) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        counts = _counts(self.study)
+        status = f"pruned {counts.pruned} failed {counts.failed}"
+        if not self.settings.multi_objective and counts.complete:
+            try:
+                best = self.study.best_trial
+                status += f" best {best.value:.5g} (trial {best.number})"
+            except ValueError:
+                pass
+        self.bar.update(self.task, completed=min(counts.done, self.settings.n_trials),
+                        status=status)
