@@ -214,7 +214,7 @@ def _fit_reporting(model: Any, dataset: Dataset, reporter: Reporter) -> None:
 
     XGBoost reports from a training callback (its own eval metric when it is the objective,
     else our metric on staged predictions); HistGradientBoosting grows by warm starts of
-    ``every`` iterations. Other estimators fit at once and report the final value.
+    ``every`` iterations. Other estimators fit at once and report nothing.
     """
     preprocess, estimator = model.steps[0][1], model.steps[-1][1]
     X_train = preprocess.fit_transform(dataset.train.X, dataset.train.y)
@@ -239,9 +239,8 @@ def _fit_reporting(model: Any, dataset: Dataset, reporter: Reporter) -> None:
                 reporter(min(stop, total), _val_objective(estimator, dataset, X_val, reporter))
         finally:
             estimator.set_params(warm_start=False, max_iter=total)
-    else:
+    else:  # nothing to stop early; reporting the final value would only prune a done trial
         estimator.fit(X_train, y_train)
-        reporter(0, _val_objective(estimator, dataset, X_val, reporter))
 
 
 def _val_objective(estimator: Any, dataset: Dataset, X_val: Any, reporter: Reporter,

@@ -103,7 +103,8 @@ def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
                 f"search.directions={directions} must have one direction per search.metrics "
                 f"entry ({len(metrics)})"
             )
-        objectives = tuple(Objective(str(m), str(d)) for m, d in zip(metrics, directions, strict=True))
+        pairs = zip(metrics, directions, strict=True)
+        objectives = tuple(Objective(str(m), str(d)) for m, d in pairs)
         for o in objectives:
             if o.direction not in ("minimize", "maximize"):
                 raise ConfigError(

@@ -7,7 +7,7 @@ A space maps dotted config keys to distributions, explicitly::
     model.booster: {type: categorical, choices: [gbtree, dart]}
     model.rate_drop: {type: float, low: 0.0, high: 0.3, when: {model.booster: dart}}
 
-or in the override grammar of hydra-optuna-sweeper's ``params:`` (parsed by Hydra's own
+(nested keys work too: ``model: {max_depth: ...}``), or in the override grammar of hydra-optuna-sweeper's ``params:`` (parsed by Hydra's own
 parser, so existing sweeper configs port unchanged)::
 
     model.learning_rate: tag(log, interval(0.01, 0.3))
@@ -53,8 +53,7 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> l
         )
     known = flatten(config)
     params = []
-    for key, spec in space.items():
-        key = str(key)
+    for key, spec in _leaves(space).items():
         where = f"search_space.{key}"
         if _lookup(config, key) is _MISSING:
             near = closest_keys(key, known)
@@ -76,6 +75,19 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> l
             dist = _grammar(where, spec)
         params.append(Param(key, dist, when))
     return params
+
+
+def _leaves(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> spec; nested mappings (``model: {max_depth: ...}``) are walked into, so
+    ``search_space.model.max_depth=...`` on the command line means the same as a dotted key."""
+    out: dict[str, Any] = {}
+    for key, spec in space.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(spec, Mapping) and not {"type", "sweep", "values"} & set(spec):
+            out.update(_leaves(spec, f"{dotted}."))
+        else:
+            out[dotted] = spec
+    return out
 
 
 def suggest(trial: Any, params: list[Param], config: Mapping[str, Any], task: str) -> dict:

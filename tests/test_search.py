@@ -1,0 +1,194 @@
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from expforge.errors import SearchError
+from expforge.runner import RunContext
+from expforge.search import run_search
+
+from .conftest import ROOT, client
+
+FAST_RF = ["model=rf", "search_space.model.n_estimators.high=30",
+           "search_space.model.n_estimators.low=5"]
+
+
+def children(c, experiment_id: str, parent_id: str) -> list:
+    return c.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
+def load(storage: Path, name: str) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name,
+                             storage=JournalStorage(JournalFileBackend(str(storage))))
+
+
+def test_study_layout_parent_children_best_model(plain, store, tmp_path: Path) -> None:
+    cfg = plain("search=optuna", *FAST_RF, "search.n_trials=5", "search.study_name=layout",
+                f"search.storage={tmp_path}/s.journal")
+    best = run_search(cfg, RunContext(choices={"model": "rf", "data": "diabetes"}))
+    c = client(store["uri"])
+    exp = c.get_experiment_by_name(cfg["tracking"]["experiment"])
+    study = load(tmp_path / "s.journal", "layout")
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = c.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "layout"
+    assert parent.data.tags["optuna.study_name"] == "layout"
+    assert parent.data.tags["best_trial"] == str(study.best_trial.number)
+    assert parent.data.metrics["best_val_rmse"] == pytest.approx(best)
+    assert parent.data.params["search.n_trials"] == "5"
+    paths = {a.path for a in c.list_artifacts(parent_id)} | {
+        a.path for a in c.list_artifacts(parent_id, "plots")}
+    assert {"top_trials.csv", "config.yaml", "plots/optimization_history.png",
+            "plots/param_importances.png", "plots/slice.png"} <= paths
+    runs = children(c, exp.experiment_id, parent_id)
+    assert len(runs) == 5 and {r.info.status for r in runs} == {"FINISHED"}
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert trial.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["optuna.trial_state"] == "COMPLETE"
+        assert run.data.params["model.max_depth"] == str(trial.params["model.max_depth"])
+        assert run.data.metrics["val_rmse"] == pytest.approx(trial.value)
+    best_run = by_number[study.best_trial.number]
+    logged = c.search_logged_models(experiment_ids=[exp.experiment_id],
+                                    filter_string=f"source_run_id = '{best_run.info.run_id}'")
+    assert len(logged) == 1
+
+
+def test_pruning_stops_xgboost_trials_early(plain, store, tmp_path: Path) -> None:
+    cfg = plain("search=optuna", "model=xgb", "search.n_trials=3", "search.report_every=5",
+                "search.study_name=prune", f"search.storage={tmp_path}/s.journal")
+    cfg["search"]["pruner"] = {"_target_": "optuna.pruners.ThresholdPruner", "upper": 1.0}
+    run_search(cfg)
+    study = load(tmp_path / "s.journal", "prune")
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED] * 3
+    c = client(store["uri"])
+    for t in study.trials:
+        run = c.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["pruned"] == "true" and run.data.tags["pruned_step"] == "5"
+        assert run.data.tags["optuna.trial_state"] == "PRUNED"
+
+
+def test_failing_trials_do_not_stop_the_study(plain, store, tmp_path: Path) -> None:
+    cfg = plain("search=optuna", "model=rf", "search.n_trials=4", "search.study_name=fail",
+                f"search.storage={tmp_path}/s.journal", "search.max_failure_ratio=0.9",
+                "search.sampler._target_=optuna.samplers.RandomSampler")
+    cfg["search_space"] = {"model.max_depth": "choice(3, -1)",
+                           "model.n_estimators": "int(interval(5, 10))"}
+    run_search(cfg)
+    study = load(tmp_path / "s.journal", "fail")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(complete) == 4 and failed  # fails are retried: the budget still completes
+    c = client(store["uri"])
+    run = c.get_run(failed[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "max_depth" in run.data.tags["error"]
+    assert run.data.tags["optuna.trial_state"] == "FAIL"
+    assert "error/traceback.txt" in {a.path for a in c.list_artifacts(run.info.run_id, "error")}
+
+
+def test_too_many_failures_stop_with_a_clear_message(plain, tmp_path: Path) -> None:
+    cfg = plain("search=optuna", "model=rf", "search.n_trials=5", "search.study_name=allfail",
+                f"search.storage={tmp_path}/s.journal")
+    cfg["search_space"] = {"model.max_depth": "choice(-1, -2)"}
+    with pytest.raises(SearchError, match=r"search.max_failure_ratio=0.5 exceeded: 4 of 4 "
+                                          r"trials failed; last error: model.max_depth="):
+        run_search(cfg)
+
+
+def test_same_seed_same_trial_sequence(plain, tmp_path: Path) -> None:
+    values = []
+    for name in ("seq-a", "seq-b"):
+        cfg = plain("search=optuna", *FAST_RF, "search.n_trials=4", f"search.study_name={name}",
+                    f"search.storage={tmp_path}/s.journal", "search.log_models=none",
+                    "search.plots=false")
+        run_search(cfg)
+        study = load(tmp_path / "s.journal", name)
+        values.append([(t.params, t.value) for t in study.trials])
+    assert [p for p, _ in values[0]] == [p for p, _ in values[1]]
+    # RandomForest sums its trees' predictions across threads: equal up to the last bits
+    assert [v for _, v in values[0]] == pytest.approx([v for _, v in values[1]], rel=1e-12)
+
+
+def test_bad_search_settings_fail_before_any_trial(plain, tmp_path: Path) -> None:
+    from expforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"search.n_trials=0 is invalid"):
+        run_search(plain("search=optuna", "search.n_trials=0"))
+    with pytest.raises(ConfigError, match=r"search.sampler._target_=optuna.samplers.Nope cannot"):
+        run_search(plain("search=optuna", "search.sampler._target_=optuna.samplers.Nope",
+                         f"search.storage={tmp_path}/x.journal"))
+    with pytest.raises(ConfigError, match=r"SQLite is not safe for parallel workers"):
+        run_search(plain("search=optuna", "search.n_workers=2",
+                         f"search.storage=sqlite:///{tmp_path}/o.db"))
+
+
+def _cli(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), "search=optuna", *args,
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out",
+            f"search.storage={tmp_path}/s.journal", "search.study_name=cli"]
+
+
+def _assert_budget_exact(tmp_path: Path, n: int) -> None:
+    study = load(tmp_path / "s.journal", "cli")
+    done = [t for t in study.trials if t.state.is_finished() and
+            t.state != optuna.trial.TrialState.FAIL]
+    assert len(done) == n
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("expforge")
+    runs = c.search_runs([exp.experiment_id])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    parents = [r for r in runs if r.data.tags.get("expforge.role") == "study"]
+    assert len(parents) == 1
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    numbers = [r.data.tags["optuna.trial_number"] for r in kids
+               if r.data.tags["optuna.trial_state"] in ("COMPLETE", "PRUNED")]
+    assert len(numbers) == len(set(numbers)) == n  # one run per trial, no duplicate
+    assert {t.user_attrs["mlflow_run_id"] for t in done} <= {r.info.run_id for r in kids}
+
+
+def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
+    done = subprocess.run(_cli(tmp_path, *FAST_RF, "search.n_trials=7", "search.n_workers=2"),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_budget_exact(tmp_path, 7)
+    study = load(tmp_path / "s.journal", "cli")
+    assert len({t.user_attrs["expforge.pid"] for t in study.trials}) == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_then_resume_completes_the_budget(tmp_path: Path, sig: int) -> None:
+    args = _cli(tmp_path, "model=rf", "search_space.model.n_estimators.low=150",
+                "search_space.model.n_estimators.high=300", "search.n_trials=4")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "s.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the first trial has finished
+        if journal.exists():
+            trials = load(journal, "cli").trials
+            if any(t.state.is_finished() for t in trials):
+                break
+        time.sleep(0.3)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs([c.get_experiment_by_name("expforge").experiment_id])
+    assert "KILLED" in {r.info.status for r in runs}
+    assert "RUNNING" not in {r.info.status for r in runs}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_budget_exact(tmp_path, 4)
