@@ -7,8 +7,9 @@ A space maps dotted config keys to distributions, explicitly::
     model.booster: {type: categorical, choices: [gbtree, dart]}
     model.rate_drop: {type: float, low: 0.0, high: 0.3, when: {model.booster: dart}}
 
-(nested keys work too: ``model: {max_depth: ...}``), or in the override grammar of hydra-optuna-sweeper's ``params:`` (parsed by Hydra's own
-parser, so existing sweeper configs port unchanged)::
+(nested keys work too: ``model: {max_depth: ...}``), or in the override grammar of
+hydra-optuna-sweeper's ``params:`` (parsed by Hydra's own parser, so existing sweeper configs
+port unchanged)::
 
     model.learning_rate: tag(log, interval(0.01, 0.3))
     model.max_depth: int(interval(2, 12))
