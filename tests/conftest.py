@@ -64,8 +64,9 @@ def run_cli(
     script: str = "run.py",
 ) -> subprocess.CompletedProcess[str]:
     """Run an entry point as a user types it: ``python run.py <args>``."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    # in-process tests leave MLFLOW_TRACKING_URI/REGISTRY_URI in os.environ: a user has none
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith("MLFLOW_") and k != "HYDRA_FULL_ERROR"}
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],

@@ -34,7 +34,7 @@ def load(storage: Path, name: str) -> optuna.Study:
 def test_study_layout_parent_children_best_model(plain, store, tmp_path: Path) -> None:
     cfg = plain("search=optuna", *FAST_RF, "search.n_trials=5", "search.study_name=layout",
                 f"search.storage={tmp_path}/s.journal")
-    best = run_search(cfg, RunContext(choices={"model": "rf", "data": "diabetes"}))
+    best = run_search(cfg, RunContext(choices={"model": "rf", "data": "diabetes"})).best_value
     c = client(store["uri"])
     exp = c.get_experiment_by_name(cfg["tracking"]["experiment"])
     study = load(tmp_path / "s.journal", "layout")

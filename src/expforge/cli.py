@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from expforge.errors import ExpforgeError
 
-__all__ = ["guarded", "hydra_context", "run_job"]
+__all__ = ["guarded", "hydra_context", "register_job", "run_job"]
 
 T = TypeVar("T")
 
@@ -69,7 +69,10 @@ def run_job(cfg: Any) -> float | None:
         if search != "none":
             from expforge.search import run_search
 
-            return run_search(plain, hydra_context())
+            found = run_search(plain, hydra_context())
+            if (plain.get("register") or {}).get("enabled"):
+                register_after(plain, found.parent_run_id)
+            return found.best_value
         from expforge.runner import run_one
 
         result, _ = run_one(plain, hydra_context())
@@ -77,6 +80,30 @@ def run_job(cfg: Any) -> float | None:
         return result.value
 
     return guarded(action)
+
+
+def register_after(plain: dict[str, Any], parent_run_id: str) -> None:
+    """The post-step of a search or sweep when ``register.enabled=true``."""
+    from expforge.registry import print_report, register_best
+
+    reg = {**plain["register"], "parent_run_id": parent_run_id}
+    print_report(register_best(reg, plain["tracking"], plain["paths"]["root"]))
+
+
+def register_job(cfg: Any) -> None:
+    """``python register.py``: select, gate, register; exit 1 when the gate blocks promotion."""
+
+    def action() -> None:
+        from expforge.config import to_plain
+        from expforge.registry import print_report, register_best
+
+        plain = to_plain(cfg)
+        report = register_best(plain["register"], plain["tracking"], plain["paths"]["root"])
+        print_report(report)
+        if not report.passed:
+            sys.exit(2)
+
+    guarded(action)
 
 
 def print_summary(result: Any) -> None:

@@ -126,6 +126,8 @@ def run_one(
         "config_hash": config_mod.config_hash(plain),
         "dataset_digest": dataset.digest,
         "task": dataset.task,
+        "objective.metric": objective.metric,
+        "objective.direction": objective.direction,
         **git_info(str(root)),
         **{f"versions.{k}": v for k, v in versions().items()},
         **settings.tags,

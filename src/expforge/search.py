@@ -35,7 +35,7 @@ from expforge.runner import Objective, RunContext, objective_of, run_one
 from expforge.space import Param, apply_params, grid_of, parse_space, suggest
 from expforge.tracking import TrackingSettings, connect, set_tags, tracked_run
 
-__all__ = ["SearchSettings", "run_search"]
+__all__ = ["SearchResult", "SearchSettings", "run_search"]
 
 ALLOWED_PREFIXES = ("optuna.",)
 _STUDY_ROLE = "study"
@@ -45,6 +45,13 @@ _HOST_ATTR = "expforge.host"
 _SKIPPED_ATTR = "expforge.skipped"
 _PARENT_ATTR = "mlflow_parent_run_id"
 _LOG_MODELS = ("all", "best", "none")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    parent_run_id: str
+    best_value: float | None
+    study_name: str
 
 
 @dataclass(frozen=True)
@@ -159,8 +166,8 @@ def _slug(name: str) -> str:
 # -- the entry point -----------------------------------------------------------------------
 
 
-def run_search(plain: Mapping[str, Any], context: RunContext | None = None) -> float | None:
-    """``python run.py search=optuna``: run the study to its budget; return the best value."""
+def run_search(plain: Mapping[str, Any], context: RunContext | None = None) -> SearchResult:
+    """``python run.py search=optuna``: run the study to its budget."""
     context = context or RunContext()
     root = Path(plain["paths"]["root"])
     dataset = load_data(plain["data"], int(plain["seed"]), root)
@@ -232,7 +239,7 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
         sys.exit(130)
 
 
-def _coordinate(job: _Job, workers: list[_Worker]) -> float | None:
+def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
     settings = job.settings
     try:
         job.experiment_id = connect(job.tracking)
@@ -259,7 +266,7 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> float | None:
                 _stop_workers(workers)
                 raise
         best = _finish(job, study, parent.info.run_id)
-    return best
+    return SearchResult(parent_id, best, settings.study_name)
 
 
 # -- the optimisation loop -----------------------------------------------------------------
