@@ -16,7 +16,7 @@ def test_explicit_and_grammar_forms_give_the_same_distributions() -> None:
         "model.max_depth": {"type": "int", "low": 2, "high": 12},
         "model.learning_rate": {"type": "float", "low": 0.01, "high": 0.3, "log": True},
         "model.booster": {"type": "categorical", "choices": ["gbtree", "dart"]},
-        "model.n_estimators": {"type": "int", "low": 10, "high": 49},
+        "model.n_estimators": {"type": "int", "low": 10, "high": 50},
     }, CONFIG)
     grammar = parse_space({
         "model.max_depth": "int(interval(2, 12))",
@@ -38,7 +38,7 @@ def test_steps_and_float_intervals() -> None:
     }, CONFIG)
     assert a.distribution == IntDistribution(50, 400, step=50)
     assert b.distribution == FloatDistribution(0.1, 0.5)
-    assert c.distribution.step == pytest.approx(0.1) and c.distribution.high == pytest.approx(0.2)
+    assert c.distribution.step == pytest.approx(0.1) and c.distribution.high == pytest.approx(0.3)
 
 
 def test_conditional_param_only_when_condition_holds() -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from expforge.errors import ExpforgeError
+from expforge.sweep import ENV_PARENT
 
 __all__ = ["guarded", "hydra_context", "register_job", "run_job"]
 
@@ -65,17 +66,18 @@ def run_job(cfg: Any) -> float | None:
         from expforge.config import to_plain
 
         plain = to_plain(cfg)
+        sweep_parent = os.environ.get(ENV_PARENT)  # set by SweepParent in a multirun
         search = (plain.get("search") or {}).get("name", "none")
         if search != "none":
             from expforge.search import run_search
 
-            found = run_search(plain, hydra_context())
-            if (plain.get("register") or {}).get("enabled"):
+            found = run_search(plain, hydra_context(), sweep_parent_run_id=sweep_parent)
+            if (plain.get("register") or {}).get("enabled") and not sweep_parent:
                 register_after(plain, found.parent_run_id)
             return found.best_value
         from expforge.runner import run_one
 
-        result, _ = run_one(plain, hydra_context())
+        result, _ = run_one(plain, hydra_context(), parent_run_id=sweep_parent)
         print_summary(result)
         return result.value
 

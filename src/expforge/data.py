@@ -108,8 +108,6 @@ def _load_sklearn(cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str, str]:
 
 
 def _load_synthetic(cfg: Mapping[str, Any], seed: int) -> Dataset:
-    from sklearn.datasets import make_classification, make_regression
-
     task = cfg.get("task", "regression")
     _check_task(task)
     n_samples, n_features = int(cfg["n_samples"]), int(cfg["n_features"])
@@ -119,6 +117,30 @@ def _load_synthetic(cfg: Mapping[str, Any], seed: int) -> Dataset:
             f"data.n_samples={n_samples}, data.n_features={n_features}: need at least 10 samples "
             "and 1 feature"
         )
+    try:
+        X, y, classes = _generate(cfg, task, seed, n_samples, n_features, n_informative)
+    except ValueError as exc:
+        raise DataError(f"data=synthetic cannot generate this data: {exc}; adjust "
+                        "data.n_features, data.n_informative or data.n_classes") from None
+    # float32 halves the footprint; build the frame from one block so no column is copied.
+    columns = [f"f{i}" for i in range(n_features)]
+    frame = pd.DataFrame(X.astype(np.float32, copy=False), columns=columns, copy=False)
+    del X
+    target = pd.Series(y.astype(np.float32 if task == "regression" else np.int64), name="target")
+    source = (
+        f"synthetic:{task}:n_samples={n_samples}:n_features={n_features}:"
+        f"n_informative={n_informative}:noise={cfg['noise']}:seed={seed}"
+    )
+    parts = _split_indices(len(frame), cfg, seed, target if task != "regression" else None)
+    return _finish(
+        cfg["name"], task, "target", frame, target, parts, tuple(columns), (), source, classes
+    )
+
+
+def _generate(cfg: Mapping[str, Any], task: str, seed: int, n_samples: int, n_features: int,
+              n_informative: int) -> tuple[Any, Any, tuple[str, ...]]:
+    from sklearn.datasets import make_classification, make_regression
+
     if task == "regression":
         X, y = make_regression(
             n_samples=n_samples,
@@ -140,19 +162,7 @@ def _load_synthetic(cfg: Mapping[str, Any], seed: int) -> Dataset:
             random_state=seed,
         )
         classes = tuple(str(c) for c in range(n_classes))
-    # float32 halves the footprint; build the frame from one block so no column is copied.
-    columns = [f"f{i}" for i in range(n_features)]
-    frame = pd.DataFrame(X.astype(np.float32, copy=False), columns=columns, copy=False)
-    del X
-    target = pd.Series(y.astype(np.float32 if task == "regression" else np.int64), name="target")
-    source = (
-        f"synthetic:{task}:n_samples={n_samples}:n_features={n_features}:"
-        f"n_informative={n_informative}:noise={cfg['noise']}:seed={seed}"
-    )
-    parts = _split_indices(len(frame), cfg, seed, target if task != "regression" else None)
-    return _finish(
-        cfg["name"], task, "target", frame, target, parts, tuple(columns), (), source, classes
-    )
+    return X, y, classes
 
 
 def _load_tabular(cfg: Mapping[str, Any], seed: int, root: Path) -> Dataset:

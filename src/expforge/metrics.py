@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["default_objective", "score", "score_split"]
+__all__ = ["default_objective", "direction_of", "metric_names", "score", "score_split"]
 
 REGRESSION = ("rmse", "mae", "r2")
 CLASSIFICATION = ("accuracy", "f1", "roc_auc", "log_loss")
@@ -21,6 +21,12 @@ def default_objective(task: str) -> tuple[str, str]:
     for TPE, and is what XGBoost reports per round, so pruning watches the same quantity.
     """
     return ("val_rmse", "minimize") if task == "regression" else ("val_log_loss", "minimize")
+
+
+def metric_names(task: str) -> set[str]:
+    """Every metric a run of ``task`` logs."""
+    names = REGRESSION if task == "regression" else CLASSIFICATION
+    return {f"{split}_{n}" for split in ("train", "val", "test") for n in names} | {"fit_time_s"}
 
 
 def direction_of(metric: str) -> str:

@@ -6,13 +6,16 @@ logged model loads and predicts raw rows in a process that never imports expforg
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from expforge.errors import ConfigError, ModelError
 
-__all__ = ["ALLOWED_TARGET_PREFIXES", "META_KEYS", "build_model", "estimator_params"]
+__all__ = [
+    "ALLOWED_TARGET_PREFIXES", "META_KEYS", "build_model", "estimator_params", "param_key",
+]
 
 # Keys of a model config that describe the model rather than being estimator arguments.
 META_KEYS = frozenset({"name", "regressor", "classifier", "preprocessing"})
@@ -36,6 +39,14 @@ def estimator_params(model_cfg: Mapping[str, Any], task: str) -> tuple[str, dict
     return str(target), params
 
 
+def param_key(model_cfg: Mapping[str, Any], task: str, name: str) -> str:
+    """The config key that sets estimator argument ``name``: model.x or model.regressor.x."""
+    role = "regressor" if task == "regression" else "classifier"
+    if name in (model_cfg.get(role) or {}):
+        return f"model.{role}.{name}"
+    return f"model.{name}"
+
+
 def build_model(
     model_cfg: Mapping[str, Any],
     task: str,
@@ -53,11 +64,10 @@ def build_model(
     target, params = estimator_params(model_cfg, task)
     if "n_jobs" in params and params["n_jobs"] is None and n_jobs is not None:
         params["n_jobs"] = n_jobs
-    name = model_cfg.get("name", "model")
     try:
         estimator = instantiate({"_target_": target, **params}, _convert_="all")
     except Exception as exc:  # Hydra wraps the constructor's TypeError in its own error
-        raise ModelError(_explain_bad_params(name, target, params, exc)) from None
+        raise ModelError(_explain_bad_params(model_cfg, task, target, params, exc)) from None
     preprocess = build_preprocessor(model_cfg.get("preprocessing") or {}, numeric, categorical)
     return Pipeline([("preprocess", preprocess), ("model", estimator)])
 
@@ -100,7 +110,9 @@ def build_preprocessor(
     return ColumnTransformer(transformers, remainder="drop", verbose_feature_names_out=False)
 
 
-def _explain_bad_params(name: str, target: str, params: Mapping[str, Any], exc: Exception) -> str:
+def _explain_bad_params(model_cfg: Mapping[str, Any], task: str, target: str,
+                        params: Mapping[str, Any], exc: Exception) -> str:
+    name = model_cfg.get("name", "model")
     cls_name = target.rsplit(".", 1)[-1]
     try:
         from hydra._internal.utils import _locate
@@ -111,9 +123,11 @@ def _explain_bad_params(name: str, target: str, params: Mapping[str, Any], exc: 
     unknown = sorted(k for k in params if accepted and k not in accepted)
     if unknown:
         key = unknown[0]
+        close = difflib.get_close_matches(key, sorted(accepted), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
         return (
-            f"model.{key}={params[key]} is not a parameter of {cls_name} (model={name}); "
-            f"remove it or use one of: {', '.join(sorted(accepted))}"
+            f"{param_key(model_cfg, task, key)}={params[key]} is not a parameter of {cls_name} "
+            f"(model={name}); {hint}valid: {', '.join(sorted(accepted))}"
         )
     cause = exc.__cause__ or exc
     first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__

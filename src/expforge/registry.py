@@ -129,7 +129,8 @@ def register_best(
     track = TrackingSettings.from_config(
         {**tracking, "experiment": settings.experiment or tracking["experiment"]}
     )
-    experiment_id = _existing_experiment(track)
+    key = "register.experiment" if settings.experiment else "tracking.experiment"
+    experiment_id = _existing_experiment(track, key)
     client = mlflow.MlflowClient(track.uri)
     target, runs = _candidate_runs(client, experiment_id, settings)
     candidates = _with_models(client, experiment_id, runs, target)
@@ -154,7 +155,7 @@ def register_best(
 # -- candidates ----------------------------------------------------------------------------
 
 
-def _existing_experiment(track: TrackingSettings) -> str:
+def _existing_experiment(track: TrackingSettings, key: str) -> str:
     import mlflow
 
     from expforge.tracking import check_reachable
@@ -165,8 +166,8 @@ def _existing_experiment(track: TrackingSettings) -> str:
     found = mlflow.MlflowClient(track.uri).get_experiment_by_name(track.experiment)
     if found is None:
         raise RegistryError(
-            f"register.experiment={track.experiment} does not exist in "
-            f"{mask_uri(track.uri)}; run an experiment first or set register.experiment"
+            f"{key}={track.experiment} does not exist in {mask_uri(track.uri)}; run an "
+            "experiment first or set register.experiment to one that exists"
         )
     return str(found.experiment_id)
 
@@ -174,28 +175,25 @@ def _existing_experiment(track: TrackingSettings) -> str:
 def _candidate_runs(client: Any, experiment_id: str,
                     settings: RegisterSettings) -> tuple[str, list[Any]]:
     finished = "attributes.status = 'FINISHED'"
-    if settings.parent_run_id:
-        parent = settings.parent_run_id
-        where = f"{finished} and tags.mlflow.parentRunId = '{parent}'"
+    parent = settings.parent_run_id
+    if parent:
         target = f"children of run {parent}"
     elif settings.filter:
-        where = f"{finished} and {settings.filter}"
         target = f"runs matching {settings.filter!r}"
     else:
-        parents = [
-            r for r in _search(client, experiment_id, "", order_by=["attributes.start_time DESC"],
-                               max_results=50)
-            if r.data.tags.get("expforge.role") in _PARENT_ROLES
-        ]
+        parents = _latest_parents(client, experiment_id)
         if parents:
             parent = parents[0].info.run_id
-            where = f"{finished} and tags.mlflow.parentRunId = '{parent}'"
-            target = f"the latest {parents[0].data.tags['expforge.role']} {parent} " \
-                     f"({parents[0].info.run_name})"
+            target = (f"the latest {parents[0].data.tags['expforge.role']} {parent} "
+                      f"({parents[0].info.run_name})")
         else:
-            where, target = finished, "every run of the experiment"
-    runs = [r for r in _search(client, experiment_id, where)
-            if r.data.tags.get("expforge.role") not in _PARENT_ROLES]
+            target = "every run of the experiment"
+    if parent:
+        runs = _descendants(client, experiment_id, parent, finished)
+    else:
+        where = f"{finished} and {settings.filter}" if settings.filter else finished
+        runs = [r for r in _search(client, experiment_id, where)
+                if r.data.tags.get("expforge.role") not in _PARENT_ROLES]
     if not runs:
         raise RegistryError(
             f"no FINISHED candidate runs among {target}; run a search or sweep first "
@@ -205,14 +203,48 @@ def _candidate_runs(client: Any, experiment_id: str,
     return target, runs
 
 
-def _search(client: Any, experiment_id: str, where: str, **kw: Any) -> list[Any]:
+def _latest_parents(client: Any, experiment_id: str) -> list[Any]:
+    """Top-level study and sweep parents, newest first (a study inside a sweep is skipped:
+    its sweep is the target)."""
+    found = []
+    for role in _PARENT_ROLES:
+        found += client.search_runs(
+            [experiment_id], f"tags.`expforge.role` = '{role}'",
+            order_by=["attributes.start_time DESC"], max_results=20,
+        )
+    top = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    return sorted(top, key=lambda r: r.info.start_time, reverse=True)
+
+
+def _descendants(client: Any, experiment_id: str, parent: str, finished: str) -> list[Any]:
+    """The runs under ``parent``; a study under a sweep contributes its trials."""
+    runs = []
+    for r in _search(client, experiment_id, f"tags.mlflow.parentRunId = '{parent}'"):
+        if r.data.tags.get("expforge.role") in _PARENT_ROLES:
+            runs.extend(_descendants(client, experiment_id, r.info.run_id, finished))
+        elif r.info.status == "FINISHED":
+            runs.append(r)
+    return runs
+
+
+def _search(client: Any, experiment_id: str, where: str) -> list[Any]:
+    """Every run matching ``where``, page by page."""
     from mlflow.exceptions import MlflowException
 
+    runs: list[Any] = []
+    token = None
     try:
-        return list(client.search_runs([experiment_id], where, **kw))
+        while True:
+            page = client.search_runs([experiment_id], where, max_results=1000,
+                                      page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
     except MlflowException as exc:
         first = str(exc.message).splitlines()[0]
-        raise RegistryError(f"register.filter is not a valid MLflow filter: {first}") from None
+        raise RegistryError(f"cannot search runs with filter {where!r}: {first}; fix "
+                            "register.filter (MLflow search syntax)") from None
 
 
 def _with_models(client: Any, experiment_id: str, runs: list[Any],
@@ -366,10 +398,12 @@ def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
         report.note = (f"run {winner.run_id} already is {name}@{alias} (version "
                        f"{current.version}); no new version")
         return
+    created_model = False
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="Registered by expforge.")
+        created_model = True
     tags = winner.run.data.tags
     version_tags = {
         "source_run_id": winner.run_id,
@@ -383,10 +417,15 @@ def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
         f"{report.considered} candidates: {report.target}."
         + (f" Gate: {'; '.join(report.gate)}." if report.gate else "")
     )
-    version = client.create_model_version(
-        name, source=winner.model_uri, run_id=winner.run_id, tags=version_tags,
-        description=description, model_id=winner.model_uri.removeprefix("models:/"),
-    )
+    try:
+        version = client.create_model_version(
+            name, source=winner.model_uri, run_id=winner.run_id, tags=version_tags,
+            description=description, model_id=winner.model_uri.removeprefix("models:/"),
+        )
+    except BaseException:
+        if created_model:  # no empty registered model left behind either
+            client.delete_registered_model(name)
+        raise
     try:
         if current is not None:
             client.set_registered_model_alias(name, "previous", current.version)

@@ -13,8 +13,8 @@ from typing import Any, Protocol
 from expforge import config as config_mod
 from expforge.data import Dataset, load_data
 from expforge.errors import ConfigError, ModelError
-from expforge.metrics import default_objective, direction_of, score
-from expforge.models import build_model
+from expforge.metrics import default_objective, direction_of, metric_names, score
+from expforge.models import build_model, param_key
 from expforge.tracking import (
     TrackingSettings,
     connect,
@@ -83,6 +83,12 @@ def objective_of(plain: Mapping[str, Any], task: str) -> Objective:
         direction = default_direction
     if direction not in ("minimize", "maximize"):
         raise ConfigError(f"direction={direction} is not a direction; use minimize or maximize")
+    known = metric_names(task)
+    if metric not in known:
+        raise ConfigError(
+            f"metric={metric} is not computed for a {task} task; choose one of: "
+            f"{', '.join(sorted(known))}"
+        )
     return Objective(str(metric), str(direction))
 
 
@@ -142,48 +148,57 @@ def run_one(
     import mlflow
 
     if settings.autolog:
-        mlflow.sklearn.autolog(log_models=want_model is not False, log_datasets=False, silent=True)
-    with tracked_run(experiment_id, run_name, tags, parent_run_id,
-                     stop_early=stop_early) as run:
-        run_id = run.info.run_id
-        if on_start is not None:
-            on_start(run_id)
-        log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
-        mlflow.log_text(_yaml(masked), "config.yaml")
-        if context.overrides:
-            mlflow.log_text(_yaml(config_mod.mask_secrets(context.overrides)), "overrides.yaml")
-        log_datasets(run_id, dataset)
-        fit_time = fit(model, dataset, plain["model"], reporter)
-        metrics, val_outputs = score(model, dataset)
-        metrics["fit_time_s"] = fit_time
-        if objective.metric not in metrics:
-            raise ConfigError(
-                f"metric={objective.metric} is not computed for a {dataset.task} task; choose "
-                f"one of: {', '.join(sorted(metrics))}"
-            )
-        mlflow.log_metrics(metrics)
-        if callable(want_model):
-            want_model = want_model(metrics)
-        if want_plots is None:  # plots follow the model: a search plots what it keeps
-            want_plots = bool(want_model)
-        if want_plots:
-            from expforge.plots import model_figures
+        _autolog(enable=True, log_models=want_model is not False)
+    try:
+        with tracked_run(experiment_id, run_name, tags, parent_run_id,
+                         stop_early=stop_early) as run:
+            run_id = run.info.run_id
+            if on_start is not None:
+                on_start(run_id)
+            log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
+            mlflow.log_text(_yaml(masked), "config.yaml")
+            if context.overrides:
+                overrides = config_mod.mask_secrets(context.overrides)
+                mlflow.log_text(_yaml(overrides), "overrides.yaml")
+            log_datasets(run_id, dataset)
+            fit_time = fit(model, dataset, plain["model"], reporter)
+            metrics, val_outputs = score(model, dataset)
+            metrics["fit_time_s"] = fit_time
+            mlflow.log_metrics(metrics)
+            if callable(want_model):
+                want_model = want_model(metrics)
+            if want_plots is None:  # plots follow the model: a search plots what it keeps
+                want_plots = bool(want_model)
+            if want_plots:
+                from expforge.plots import model_figures
 
-            log_figures(model_figures(model, dataset, val_outputs))
-        model_uri = None
-        if want_model and not settings.autolog:
-            model_uri = log_model(model, dataset.train.X).model_uri
-    if settings.autolog:
-        mlflow.sklearn.autolog(disable=True)
-    result = RunResult(
-        run_id=run_id,
-        experiment_id=experiment_id,
-        metrics=metrics,
-        objective=objective,
-        value=float(metrics[objective.metric]),
-        model_uri=model_uri,
-    )
-    return result, model
+                log_figures(model_figures(model, dataset, val_outputs))
+            model_uri = None
+            if want_model and not settings.autolog:
+                model_uri = log_model(model, dataset.train.X).model_uri
+        result = RunResult(
+            run_id=run_id,
+            experiment_id=experiment_id,
+            metrics=metrics,
+            objective=objective,
+            value=float(metrics[objective.metric]),
+            model_uri=model_uri,
+        )
+        return result, model
+    finally:
+        if settings.autolog:
+            _autolog(enable=False)
+
+
+def _autolog(enable: bool, log_models: bool = True) -> None:
+    """MLflow's own sklearn and xgboost autologging, switched on for one run only."""
+    import mlflow
+
+    for flavor in (mlflow.sklearn, mlflow.xgboost):
+        if enable:
+            flavor.autolog(log_models=log_models, log_datasets=False, silent=True)
+        else:
+            flavor.autolog(disable=True, silent=True)
 
 
 def fit(
@@ -204,7 +219,7 @@ def fit(
         else:
             _fit_reporting(model, dataset, reporter)
     except Exception as exc:
-        rejected = _rejected_param(exc, model_cfg)
+        rejected = _rejected_param(exc, model_cfg, dataset.task)
         if rejected is None:
             raise
         raise ModelError(rejected) from None
@@ -296,7 +311,7 @@ def _booster_objective(booster: Any, epoch: int, dataset: Dataset, X_val: Any,
     return values.get(reporter.metric.split("_", 1)[-1], float("nan"))
 
 
-def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any]) -> str | None:
+def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any], task: str) -> str | None:
     """A one-line message when ``exc`` is the estimator rejecting a hyperparameter."""
     from sklearn.utils._param_validation import InvalidParameterError
 
@@ -305,9 +320,11 @@ def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any]) -> str | None:
     if isinstance(exc, InvalidParameterError):
         match = re.search(r"The '(\w+)' parameter", first)
         if match:
-            key = match.group(1)
-            value = model_cfg.get(key, "?")
-            return f"model.{key}={value} is rejected by model={estimator}: {first}"
+            key = param_key(model_cfg, task, match.group(1))
+            node: Any = {"model": model_cfg}
+            for part in key.split("."):
+                node = node.get(part, "?") if isinstance(node, Mapping) else "?"
+            return f"{key}={node} is rejected by model={estimator}: {first}"
         return f"model={estimator} rejects its configuration: {first}"
     if type(exc).__module__.startswith("xgboost"):
         return f"model={estimator} (XGBoost) rejects its configuration: {first}"

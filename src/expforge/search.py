@@ -43,6 +43,7 @@ _RUN_ATTR = "mlflow_run_id"
 _PID_ATTR = "expforge.pid"
 _HOST_ATTR = "expforge.host"
 _SKIPPED_ATTR = "expforge.skipped"
+_INTERRUPTED_ATTR = "expforge.interrupted"
 _PARENT_ATTR = "mlflow_parent_run_id"
 _LOG_MODELS = ("all", "best", "none")
 
@@ -100,9 +101,17 @@ def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
             f"search.log_models={log_models} is invalid; choose one of: {', '.join(_LOG_MODELS)}"
         )
     ratio = float(s.get("max_failure_ratio", 0.5))
-    if not 0 <= ratio <= 1:
-        raise ConfigError(f"search.max_failure_ratio={ratio} is invalid; give a share in [0, 1]")
+    if not 0 <= ratio < 1:
+        raise ConfigError(
+            f"search.max_failure_ratio={ratio} is invalid; give a share in [0, 1) (failed trials "
+            "do not use the budget, so 1 would retry a failing config forever)"
+        )
     metrics, directions = s.get("metrics"), s.get("directions")
+    if directions and not metrics:
+        raise ConfigError(
+            f"search.directions={directions} needs search.metrics (one metric per direction); "
+            "for one objective set metric=... and direction=..."
+        )
     if metrics:
         directions = directions or [direction_of(m) for m in metrics]
         if len(directions) != len(metrics):
@@ -123,9 +132,9 @@ def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
     study_name = s.get("study_name") or (
         f"{experiment}-{plain['data']['name']}-{plain['model'].get('name', 'model')}"
     )
-    storage = s.get("storage") or str(
-        Path(plain["paths"]["root"], "studies", f"{_slug(study_name)}.journal")
-    )
+    storage = str(s.get("storage") or Path("studies", f"{_slug(study_name)}.journal"))
+    if "://" not in storage:  # a journal file: relative paths start at the project root
+        storage = str(Path(plain["paths"]["root"], storage).resolve())
     if n_workers > 1 and str(storage).startswith("sqlite"):
         raise ConfigError(
             f"search.storage={storage} with search.n_workers={n_workers}: SQLite is not safe for "
@@ -166,8 +175,15 @@ def _slug(name: str) -> str:
 # -- the entry point -----------------------------------------------------------------------
 
 
-def run_search(plain: Mapping[str, Any], context: RunContext | None = None) -> SearchResult:
-    """``python run.py search=optuna``: run the study to its budget."""
+def run_search(
+    plain: Mapping[str, Any],
+    context: RunContext | None = None,
+    sweep_parent_run_id: str | None = None,
+) -> SearchResult:
+    """``python run.py search=optuna``: run the study to its budget.
+
+    In a multirun sweep the study's parent run hangs under the sweep's parent run.
+    """
     context = context or RunContext()
     root = Path(plain["paths"]["root"])
     dataset = load_data(plain["data"], int(plain["seed"]), root)
@@ -176,7 +192,8 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None) -> S
     _sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
     _pruner(settings)
     tracking = TrackingSettings.from_config(plain["tracking"])
-    job = _Job(plain, context, dataset, settings, params, tracking)
+    job = _Job(plain, context, dataset, settings, params, tracking,
+               sweep_parent_run_id=sweep_parent_run_id)
     if settings.n_workers == 1:
         return _coordinate(job, [])
     workers = _fork_workers(job)
@@ -195,6 +212,7 @@ class _Job:
     tracking: TrackingSettings
     parent_run_id: str = ""
     experiment_id: str = ""
+    sweep_parent_run_id: str | None = None
 
 
 @dataclass
@@ -205,7 +223,16 @@ class _Worker:
 
 
 def _fork_workers(job: _Job) -> list[_Worker]:
-    ctx = multiprocessing.get_context("fork")
+    """Start the workers before this process opens any store connection.
+
+    Forking shares the loaded data copy-on-write. Inside a multirun (or anywhere MLflow is
+    already loaded) this process may hold pooled database connections, which must never cross
+    a fork: the workers are spawned instead and receive the data through a pipe.
+    """
+    import sys
+
+    method = "spawn" if "mlflow" in sys.modules else "fork"
+    ctx = multiprocessing.get_context(method)
     workers = []
     for index in range(job.settings.n_workers):
         receive, send = ctx.Pipe(duplex=False)
@@ -228,6 +255,13 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     if message is None:
         sys.exit(0)
     job.parent_run_id, job.experiment_id = message
+    import signal
+
+    from threadpoolctl import threadpool_limits
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a spawned worker inherits no handler
+    # OpenMP pools (hgb, numpy) get the worker's share of the cores, like model.n_jobs does.
+    threadpool_limits(limits=max(1, (os.cpu_count() or 1) // job.settings.n_workers))
     try:
         connect(job.tracking)
         study = _open_study(job.settings, job.params, index, job.tracking)
@@ -239,33 +273,36 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
         sys.exit(130)
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
     settings = job.settings
+    released = False
     try:
         job.experiment_id = connect(job.tracking)
         study = _open_study(settings, job.params, 0, job.tracking)
         _reap_orphans(study, job.tracking)
         parent_id, resumed = _parent_run(job, study)
-    except BaseException:
-        for w in workers:
-            w.channel.send(None)
-        raise
-    job.parent_run_id = parent_id
-    with tracked_run(job.experiment_id, run_id=parent_id) as parent:
-        if not resumed:
-            _log_parent_config(job)
-        for w in workers:
-            w.channel.send((parent_id, job.experiment_id))
-        with _Progress(settings, study) as progress:
-            try:
+        job.parent_run_id = parent_id
+        with tracked_run(job.experiment_id, run_id=parent_id) as parent:
+            if not resumed:
+                _log_parent_config(job)
+            for w in workers:
+                w.channel.send((parent_id, job.experiment_id))
+            released = True
+            with _Progress(settings, study) as progress:
                 if workers:
                     _watch(job, study, workers, progress)
                 else:
                     _optimize(job, study, 0, progress)
-            except BaseException:
-                _stop_workers(workers)
-                raise
-        best = _finish(job, study, parent.info.run_id)
+            best = _finish(job, study, parent.info.run_id)
+    finally:
+        if not released:  # a waiting worker must hear that there is nothing to do
+            for w in workers:
+                w.channel.send(None)
+        _stop_workers(workers)
     return SearchResult(parent_id, best, settings.study_name)
 
 
@@ -277,7 +314,7 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     settings = job.settings
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
     objective = _Objective(job, study, index)
-    callbacks = [_update_parent(job)]
+    callbacks = [_update_parent(job), _report_failure]
     if progress is not None:
         callbacks.append(progress.callback)
     while time.monotonic() < deadline:
@@ -356,8 +393,10 @@ class _Objective:
         except BaseException as exc:
             if run_ids:
                 set_tags(run_ids[0], {"optuna.trial_state": "FAIL"})
-            if isinstance(exc, ExpforgeError):
-                trial.set_user_attr("error", str(exc)[:1000])
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                trial.set_user_attr(_INTERRUPTED_ATTR, True)
+            else:
+                trial.set_user_attr("error", _one_line(exc))
             raise
         values = tuple(_metric(result.metrics, o.metric) for o in settings.objectives)
         set_tags(result.run_id, {"optuna.trial_state": "COMPLETE"})
@@ -406,6 +445,11 @@ class _TrialReporter:
             raise optuna.TrialPruned(f"pruned at step {step}")
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:1000]
+
+
 def _metric(metrics: Mapping[str, float], name: str) -> float:
     if name not in metrics:
         raise ConfigError(
@@ -438,8 +482,10 @@ def _counts(study: Any) -> _Counts:
     c = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAIL: 0, TrialState.RUNNING: 0}
     last_error = ""
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.FAIL and _SKIPPED_ATTR in t.user_attrs:
-            continue
+        if t.state == TrialState.FAIL and (
+            _SKIPPED_ATTR in t.user_attrs or _INTERRUPTED_ATTR in t.user_attrs
+        ):
+            continue  # not a verdict on the config: budget races, Ctrl-C, dead workers
         if t.state in c:
             c[t.state] += 1
         if t.state == TrialState.FAIL and t.user_attrs.get("error"):
@@ -488,9 +534,11 @@ def _watch(job: _Job, study: Any, workers: list[_Worker], progress: _Progress) -
 
 
 def _stop_workers(workers: list[_Worker]) -> None:
+    """Workers still running (this process was interrupted) get SIGTERM: they end KILLED."""
     import signal
 
     for w in workers:
+        w.process.join(timeout=0.1)
         if w.process.is_alive():
             os.kill(w.process.pid, signal.SIGTERM)
     for w in workers:
@@ -534,10 +582,11 @@ def _open_study(settings: SearchSettings, params: list[Param], index: int,
                 tracking: TrackingSettings) -> Any:
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Failed trials are reported in one line each (_report_failure), not with Optuna's traceback.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         storage = _storage(settings, tracking)
-        return optuna.create_study(
+        study = optuna.create_study(
             study_name=settings.study_name,
             storage=storage,
             sampler=_sampler(settings, params, index),
@@ -545,6 +594,10 @@ def _open_study(settings: SearchSettings, params: list[Param], index: int,
             directions=settings.directions,
             load_if_exists=True,
         )
+        existing = len(study.get_trials(deepcopy=False))
+        if existing:  # a resume: a sampler seeded as before would replay the first trials
+            study.sampler = _sampler(settings, params, index, offset=existing)
+        return study
     except ValueError as exc:  # directions differ from the stored study
         raise SearchError(
             f"search.study_name={settings.study_name}: {exc}; pick another study name"
@@ -578,11 +631,13 @@ def _instantiate(key: str, spec: Mapping[str, Any], **extra: Any) -> Any:
         ) from None
 
 
-def _sampler(settings: SearchSettings, params: list[Param], index: int) -> Any:
+def _sampler(settings: SearchSettings, params: list[Param], index: int, offset: int = 0) -> Any:
+    """The configured sampler; worker ``index`` and a resume after ``offset`` trials get their
+    own seed, so parallel workers do not mirror each other and a resume does not replay."""
     spec = dict(settings.sampler)
     extra: dict[str, Any] = {}
     if "seed" in spec and spec["seed"] is not None:
-        spec["seed"] = int(spec["seed"]) + index  # parallel workers must not mirror each other
+        spec["seed"] = int(spec["seed"]) + index + 1009 * offset
     if str(spec.get("_target_", "")).endswith("GridSampler") and "search_space" not in spec:
         extra["search_space"] = grid_of(params)
     return _instantiate("search.sampler", spec, **extra)
@@ -619,6 +674,7 @@ def _fail_trial(study: Any, trial: Any, tracking_uri: str, status: str) -> None:
     from optuna.trial import TrialState
 
     try:
+        study._storage.set_trial_user_attr(trial._trial_id, _INTERRUPTED_ATTR, True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except Exception:
         return  # already finished by someone else
@@ -661,15 +717,18 @@ def _parent_run(job: _Job, study: Any) -> tuple[str, bool]:
     existing = study.user_attrs.get(_PARENT_ATTR)
     if existing:
         try:
-            client.get_run(existing)
-            return existing, True
+            if client.get_run(existing).info.lifecycle_stage == "active":
+                return existing, True
         except Exception:
-            pass  # the run was deleted: start a new parent
+            pass  # the run is gone (deleted or another store): start a new parent
     settings = job.settings
     tags = {
         "expforge.role": _STUDY_ROLE,
         "optuna.study_name": settings.study_name,
         "optuna.storage": config_mod.mask_uri(settings.storage),
+        "objective.metric": settings.objectives[0].metric,
+        "objective.direction": settings.objectives[0].direction,
+        **({"mlflow.parentRunId": job.sweep_parent_run_id} if job.sweep_parent_run_id else {}),
         **{k: v for k, v in job.context.choices.items() if k in ("model", "data", "search")},
         **job.tracking.tags,
     }
@@ -690,6 +749,15 @@ def _log_parent_config(job: _Job) -> None:
     import yaml
 
     mlflow.log_text(yaml.safe_dump(masked, sort_keys=False), "config.yaml")
+
+
+def _report_failure(study: Any, trial: Any) -> None:
+    import sys
+
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+        print(f"trial {trial.number} failed: {trial.user_attrs['error']}", file=sys.stderr)
 
 
 def _update_parent(job: _Job) -> Callable[[Any, Any], None]:

@@ -13,7 +13,7 @@ port unchanged)::
 
     model.learning_rate: tag(log, interval(0.01, 0.3))
     model.max_depth: int(interval(2, 12))
-    model.n_estimators: range(10, 50)
+    model.n_estimators: range(10, 50)       # 10..50, as hydra-optuna-sweeper reads it
     model.booster: choice(gbtree, dart)
 
 ``when`` values may be a list (any of them), and the key ``task`` means the data's task.
@@ -195,10 +195,11 @@ def _grammar(where: str, text: Any) -> Any:
         start, stop, step = value.start, value.stop, value.step or 1
         if start is None or stop is None or step <= 0 or stop <= start:
             raise SearchError(f"{where}={text} is an empty range; use range(low, high[, step])")
-        n = math.ceil((stop - start) / step)
+        # As in hydra-optuna-sweeper (so its configs keep their meaning): stop is included.
+        n = math.floor((stop - start) / step + 1e-9)
         if all(isinstance(v, int) for v in (start, stop, step)):
-            return IntDistribution(int(start), int(start + (n - 1) * step), step=int(step))
-        return FloatDistribution(float(start), float(start + (n - 1) * step), step=float(step))
+            return IntDistribution(int(start), int(start + n * step), step=int(step))
+        return FloatDistribution(float(start), float(start + n * step), step=float(step))
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags
         low, high = value.start, value.end
