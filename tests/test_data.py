@@ -34,11 +34,18 @@ def test_builtin_datasets_split_and_task(name: str, task: str, n_classes: int) -
             assert split.y.nunique() == n_classes
 
 
-def test_digest_depends_on_data_and_seed() -> None:
+def test_digest_depends_on_data_and_seed(tmp_path: Path) -> None:
     cfg = data_cfg("data=diabetes")
     a, b, c = load_data(cfg, 1), load_data(cfg, 1), load_data(cfg, 2)
     assert a.digest == b.digest
     assert a.digest != c.digest
+    frame = pd.DataFrame({"x": np.arange(50.0), "y": np.arange(50.0) * 2})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    tab = data_cfg("data=tabular", f"data.path={tmp_path / 'd.csv'}", "data.target=y")
+    before = load_data(tab, 0).digest
+    frame.loc[7, "x"] = 99.0  # one changed value, same shape
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    assert load_data(tab, 0).digest != before
 
 
 def test_synthetic_is_float32_and_seeded() -> None:

@@ -192,3 +192,35 @@ def test_interrupt_then_resume_completes_the_budget(tmp_path: Path, sig: int) ->
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_budget_exact(tmp_path, 4)
+
+
+def test_resume_continues_without_replaying_trials(plain, tmp_path: Path) -> None:
+    base = ["search=optuna", *FAST_RF, "search.study_name=resume", "search.plots=false",
+            f"search.storage={tmp_path}/s.journal", "search.log_models=none"]
+    run_search(plain(*base, "search.n_trials=3"))
+    run_search(plain(*base, "search.n_trials=6"))  # the budget grows: three more trials
+    study = load(tmp_path / "s.journal", "resume")
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(params) == 6 and len(set(params)) == 6
+    parents = {t.user_attrs.get("mlflow_run_id") for t in study.trials}
+    assert len(parents) == 6
+
+
+def test_hgb_prunes_by_iterations(plain, store, tmp_path: Path) -> None:
+    cfg = plain("search=optuna", "model=hgb", "search.n_trials=2", "search.report_every=5",
+                "search.study_name=hgb", f"search.storage={tmp_path}/s.journal")
+    cfg["search"]["pruner"] = {"_target_": "optuna.pruners.ThresholdPruner", "upper": 1.0}
+    run_search(cfg)
+    study = load(tmp_path / "s.journal", "hgb")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [5] for t in study.trials)
+
+
+def test_deleted_parent_run_gets_a_new_parent(plain, store, tmp_path: Path) -> None:
+    base = ["search=optuna", *FAST_RF, "search.study_name=deleted", "search.plots=false",
+            f"search.storage={tmp_path}/s.journal", "search.log_models=none"]
+    first = run_search(plain(*base, "search.n_trials=1")).parent_run_id
+    client(store["uri"]).delete_run(first)
+    second = run_search(plain(*base, "search.n_trials=2")).parent_run_id
+    assert second != first
+    assert client(store["uri"]).get_run(second).info.status == "FINISHED"

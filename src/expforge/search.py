@@ -319,8 +319,14 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
         callbacks.append(progress.callback)
     while time.monotonic() < deadline:
         counts = _counts(study)
-        if counts.taken >= settings.n_trials:
+        if counts.done >= settings.n_trials:
             break
+        if counts.taken >= settings.n_trials:
+            # The last slots are running elsewhere. Wait: if their worker dies, heartbeats (RDB)
+            # or the dead-process check (this host) fail them and the slot is ours to retry.
+            time.sleep(1.0)
+            _recover_stale(study, job.tracking)
+            continue
         _check_failures(settings, counts, study)
         study.optimize(
             objective,
@@ -330,9 +336,14 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
             gc_after_trial=False,
             show_progress_bar=False,
         )
-        if objective.budget_reached:
-            break
     _check_failures(settings, _counts(study), study)
+
+
+def _recover_stale(study: Any, tracking: TrackingSettings) -> None:
+    import optuna
+
+    optuna.storages.fail_stale_trials(study)
+    _reap_orphans(study, tracking)
 
 
 class _Objective:
@@ -341,7 +352,6 @@ class _Objective:
     def __init__(self, job: _Job, study: Any, index: int) -> None:
         self.job, self.study, self.index = job, study, index
         self.threads = max(1, (os.cpu_count() or 1) // job.settings.n_workers)
-        self.budget_reached = False
 
     def __call__(self, trial: Any) -> Any:
         import optuna
@@ -351,7 +361,6 @@ class _Objective:
         trial.set_user_attr(_HOST_ATTR, socket.gethostname())
         if _rank(self.study, trial.number) >= settings.n_trials:
             # Another worker took the last slot between our check and our ask.
-            self.budget_reached = True
             trial.set_user_attr(_SKIPPED_ATTR, "budget reached")
             raise _BudgetReached(f"the budget of {settings.n_trials} trials is spent")
         chosen = suggest(trial, job.params, job.plain, job.dataset.task)
@@ -482,9 +491,7 @@ def _counts(study: Any) -> _Counts:
     c = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAIL: 0, TrialState.RUNNING: 0}
     last_error = ""
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.FAIL and (
-            _SKIPPED_ATTR in t.user_attrs or _INTERRUPTED_ATTR in t.user_attrs
-        ):
+        if t.state == TrialState.FAIL and "error" not in t.user_attrs:
             continue  # not a verdict on the config: budget races, Ctrl-C, dead workers
         if t.state in c:
             c[t.state] += 1
@@ -733,8 +740,16 @@ def _parent_run(job: _Job, study: Any) -> tuple[str, bool]:
         **job.tracking.tags,
     }
     run = client.create_run(job.experiment_id, tags=tags, run_name=settings.study_name)
-    study.set_user_attr(_PARENT_ATTR, run.info.run_id)
-    winner = study.user_attrs.get(_PARENT_ATTR)  # two first workers: the last write wins
+    # Workers starting together may each create a parent: all keep the earliest one.
+    rivals = client.search_runs(
+        [job.experiment_id],
+        f"tags.`optuna.study_name` = '{settings.study_name}' and "
+        f"tags.`expforge.role` = '{_STUDY_ROLE}' and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time ASC"],
+    )
+    rivals = [r for r in rivals if r.info.lifecycle_stage == "active"]
+    winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+    study.set_user_attr(_PARENT_ATTR, winner)
     if winner != run.info.run_id:
         client.delete_run(run.info.run_id)
         return winner, True

@@ -1,0 +1,159 @@
+"""Many machines, simulated on one: a real `mlflow server` on PostgreSQL and Optuna's RDB
+storage, three independent worker commands on one study, one of them killed with SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+
+def _postgres_reachable() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _postgres_reachable(),
+                                reason="no PostgreSQL on 127.0.0.1:5432 (trust auth, user "
+                                       "postgres) to test scale-out against")
+
+
+def _admin(sql: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(f"{PG}/postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+    conn.close()
+
+
+@pytest.fixture()
+def databases() -> Iterator[dict[str, str]]:
+    """Two fresh databases: MLflow's backend store and the Optuna storage."""
+    names = {k: f"expforge_{k}_{uuid.uuid4().hex[:8]}" for k in ("mlflow", "optuna")}
+    for name in names.values():
+        _admin(f"CREATE DATABASE {name}")
+    yield {k: f"{PG}/{v}" for k, v in names.items()}
+    for name in names.values():
+        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(databases: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", databases["mlflow"],
+         "--artifacts-destination", str(tmp_path / "shared-artifacts"), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()[-3000:]
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 180 s")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_three_workers_one_killed_finish_the_budget(databases, mlflow_server,
+                                                     tmp_path: Path) -> None:
+    n_trials = 6
+    args = [
+        sys.executable, str(ROOT / "run.py"), "search=optuna", "model=rf",
+        "search.study_name=fleet", f"search.storage={databases['optuna']}",
+        f"search.n_trials={n_trials}", "search.heartbeat_interval=1", "search.grace_period=4",
+        "search.plots=false", f"tracking.uri={mlflow_server}", "model.n_jobs=1",
+        "search_space.model.n_estimators.low=60", "search_space.model.n_estimators.high=120",
+        f"paths.outputs={tmp_path}/out",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    workers = []
+    for i in range(3):
+        workers.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True))
+        time.sleep(1.5 if i == 0 else 0.2)
+
+    import optuna
+
+    storage = optuna.storages.RDBStorage(databases["optuna"])
+    victim = workers[2]
+    deadline = time.time() + 240
+    killed = False
+    while time.time() < deadline and not killed:  # kill worker 3 in the middle of a trial
+        try:
+            study = optuna.load_study(study_name="fleet", storage=storage)
+        except KeyError:
+            time.sleep(0.5)
+            continue
+        running = [t for t in study.get_trials(deepcopy=False)
+                   if t.state == optuna.trial.TrialState.RUNNING
+                   and t.user_attrs.get("expforge.pid") == victim.pid]
+        if running:
+            victim.send_signal(signal.SIGKILL)
+            killed = True
+        time.sleep(0.2)
+    assert killed, "worker 3 never started a trial"
+    for w in workers[:2]:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err[-3000:]
+    victim.wait(timeout=10)
+
+    study = optuna.load_study(study_name="fleet", storage=storage)
+    states = [t.state for t in study.trials]
+    done = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                   optuna.trial.TrialState.PRUNED)]
+    assert len(done) == n_trials
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert optuna.trial.TrialState.FAIL in states  # the killed worker's trial
+
+    import mlflow
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("expforge")
+    runs = client.search_runs([exp.experiment_id])
+    assert "RUNNING" not in {r.info.status for r in runs}
+    parents = [r for r in runs if r.data.tags.get("expforge.role") == "study"]
+    assert len(parents) == 1
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    ok = [r for r in kids if r.data.tags["optuna.trial_state"] in ("COMPLETE", "PRUNED")]
+    numbers = [r.data.tags["optuna.trial_number"] for r in ok]
+    assert len(numbers) == len(set(numbers)) == n_trials
+    assert {t.user_attrs["mlflow_run_id"] for t in done} == {r.info.run_id for r in ok}
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    for t in failed:
+        if "mlflow_run_id" in t.user_attrs:
+            assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
