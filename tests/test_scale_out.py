@@ -35,13 +35,10 @@ pytestmark = pytest.mark.skipif(not _postgres_reachable(),
 
 
 def _admin(sql: str) -> None:
-    import psycopg2
+    import psycopg
 
-    conn = psycopg2.connect(f"{PG}/postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(sql)
-    conn.close()
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as conn:
+        conn.execute(sql)
 
 
 @pytest.fixture()
