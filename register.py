@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from expforge.config import register_resolvers
 
-register_resolvers(Path(__file__).resolve().parent)
+ROOT = Path(__file__).resolve().parent
+register_resolvers(ROOT)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="register")
@@ -24,4 +25,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from expforge.cli import precheck
+
+    precheck(sys.argv[1:], ROOT, "register")
     main()

@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from expforge.config import register_resolvers
 
-register_resolvers(Path(__file__).resolve().parent)
+ROOT = Path(__file__).resolve().parent
+register_resolvers(ROOT)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -23,4 +24,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from expforge.cli import precheck
+
+    precheck(sys.argv[1:], ROOT, "config")
     main()

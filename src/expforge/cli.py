@@ -11,12 +11,13 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from expforge.errors import ExpforgeError
 from expforge.sweep import ENV_PARENT
 
-__all__ = ["guarded", "hydra_context", "register_job", "run_job"]
+__all__ = ["guarded", "hydra_context", "precheck", "register_job", "run_job"]
 
 T = TypeVar("T")
 
@@ -66,6 +67,12 @@ def run_job(cfg: Any) -> float | None:
         from expforge.config import to_plain
 
         plain = to_plain(cfg)
+        if plain.get("reproduce"):
+            from expforge.reproduce import print_reproduction, reproduce_run
+
+            rep = reproduce_run(str(plain["reproduce"]), plain)
+            print_reproduction(rep)
+            return rep.result.value
         sweep_parent = os.environ.get(ENV_PARENT)  # set by SweepParent in a multirun
         search = (plain.get("search") or {}).get("name", "none")
         if search != "none":
@@ -136,3 +143,77 @@ def ui_command(uri: str) -> str:
     if uri.startswith(("http://", "https://")):
         return mask_uri(uri)
     return f"mlflow ui --backend-store-uri {mask_uri(uri)}"
+
+
+def precheck(argv: list[str], root: Path, config_name: str) -> None:
+    """Checks before Hydra starts, each ending in one line instead of Hydra's report.
+
+    A misspelt key (``model.max_dept=3``): Hydra's report is several lines and suggests
+    ``+key`` (adding a new key), the wrong fix for a typo; only commands with dotted key
+    overrides pay for the extra compose. An unwritable project directory: Hydra would fail
+    with a traceback while creating its output folder.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # --help, --cfg, --info, ...: Hydra's own business
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            [a for a in argv if not a.startswith("-")])
+    except Exception:
+        return  # a syntax error: Hydra reports it
+    given = {o.key_or_group: o.value() for o in overrides}
+    _check_writable(given, root)
+    keys, groups = [], []
+    for o in overrides:
+        if o.is_add() or o.is_delete() or o.is_force_add() or o.key_or_group.startswith("hydra"):
+            continue
+        if "." in o.key_or_group and "/" not in o.key_or_group:
+            keys.append(o)
+        elif "." not in o.key_or_group:
+            value = o.value()
+            first = value.list[0] if hasattr(value, "list") and value.list else value
+            groups.append(f"{o.key_or_group}={first}")
+    if keys:
+        _check_keys(keys, groups, str(root / "conf"), config_name)
+
+
+def _check_writable(given: dict[str, Any], root: Path) -> None:
+    if any(k.startswith(("hydra.run", "hydra.sweep")) for k in given):
+        return
+    outputs = Path(str(given.get("paths.outputs") or Path(
+        str(given.get("paths.root") or root), "outputs")))
+    folder = outputs
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        print(f"error: paths.outputs={outputs} cannot be created ({folder} is not writable); "
+              "fix the permissions of the project directory or set paths.outputs=<writable "
+              "folder> (and tracking.uri)", file=sys.stderr)
+        sys.exit(1)
+
+
+def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: str) -> None:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from expforge.config import closest_keys, flatten
+
+    try:
+        with initialize_config_dir(conf_dir, version_base="1.3"):
+            cfg = compose(config_name, overrides=groups)
+    except Exception:
+        return  # e.g. an unknown group option: Hydra lists the available ones
+    missing = object()
+    for o in keys:
+        parent, _, leaf = o.key_or_group.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=missing)  # "???" values still exist
+        # `leaf in node` is False for a "???" value; the key exists all the same.
+        if not (OmegaConf.is_dict(node) and leaf in node.keys()):  # noqa: SIM118
+            known = flatten(OmegaConf.to_container(cfg, resolve=False))  # type: ignore[arg-type]
+            near = closest_keys(o.key_or_group, known)
+            hint = f"did you mean {near[0]}? " if near else ""
+            text = o.input_line or o.key_or_group
+            print(f"error: {text} names {o.key_or_group}, which is not a config key; {hint}"
+                  f"(to add a new key on purpose: +{text})", file=sys.stderr)
+            sys.exit(1)

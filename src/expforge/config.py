@@ -19,9 +19,11 @@ from expforge.errors import ConfigError
 
 __all__ = [
     "PARAM_VALUE_LIMIT",
+    "check_target",
     "closest_keys",
     "config_hash",
     "flatten",
+    "mask_overrides",
     "mask_secrets",
     "project_root",
     "register_resolvers",
@@ -37,6 +39,9 @@ _SECRET_KEY = re.compile(r"(password|passwd|token|secret|api_?key|credential)", 
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@",
                            re.IGNORECASE)
 MASK = "***"
+# What a `_target_` in a config may name: configs are code, so only these (and the prefixes a
+# user adds in security.allowed_targets) are instantiated.
+ALLOWED_TARGETS = ("sklearn.", "xgboost.", "optuna.", "expforge.")
 
 
 def project_root() -> Path:
@@ -126,6 +131,17 @@ def mask_secrets(tree: Any, key: str = "") -> Any:
     return tree
 
 
+def mask_overrides(overrides: Iterable[str]) -> list[str]:
+    """Command-line overrides (``+data.password=x``) with secret values masked."""
+    out = []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if sep and _SECRET_KEY.search(key.rsplit(".", 1)[-1]):
+            value = MASK
+        out.append(f"{key}{sep}{mask_uri(value)}")
+    return out
+
+
 def closest_keys(key: str, candidates: Iterable[str]) -> list[str]:
     """Candidates that look like a misspelling of ``key``."""
     return difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
@@ -135,3 +151,21 @@ def require(condition: bool, key: str, value: Any, fix: str) -> None:
     """Raise the standard one-line error when a config check fails."""
     if not condition:
         raise ConfigError(f"{key}={value} is invalid; {fix}")
+
+
+def allowed_targets(plain: Mapping[str, Any]) -> tuple[str, ...]:
+    """The built-in prefixes plus ``security.allowed_targets``."""
+    extra = (plain.get("security") or {}).get("allowed_targets") or []
+    return ALLOWED_TARGETS + tuple(str(p) for p in extra)
+
+
+def check_target(key: str, target: Any, allowed: Iterable[str] = ALLOWED_TARGETS) -> str:
+    """Refuse a ``_target_`` outside the allowed prefixes (an experiment file is code)."""
+    prefixes = tuple(allowed)
+    if not target or not str(target).startswith(prefixes):
+        raise ConfigError(
+            f"{key}={target} is not an allowed target (allowed: {', '.join(prefixes)}); if you "
+            f"trust it, add its prefix to security.allowed_targets "
+            f"(+security.allowed_targets=[{str(target).split('.')[0]}.])"
+        )
+    return str(target)

@@ -8,32 +8,30 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from expforge.config import ALLOWED_TARGETS, check_target
 from expforge.errors import ConfigError, ModelError
 
 __all__ = [
-    "ALLOWED_TARGET_PREFIXES", "META_KEYS", "build_model", "estimator_params", "param_key",
+    "META_KEYS", "build_model", "estimator_params", "param_key",
 ]
 
 # Keys of a model config that describe the model rather than being estimator arguments.
 META_KEYS = frozenset({"name", "regressor", "classifier", "preprocessing"})
-ALLOWED_TARGET_PREFIXES = ("sklearn.", "xgboost.")
 
 
-def estimator_params(model_cfg: Mapping[str, Any], task: str) -> tuple[str, dict[str, Any]]:
+def estimator_params(
+    model_cfg: Mapping[str, Any], task: str, allowed: Iterable[str] = ALLOWED_TARGETS
+) -> tuple[str, dict[str, Any]]:
     """The estimator's ``_target_`` and constructor arguments for ``task``."""
     role = "regressor" if task == "regression" else "classifier"
     spec = dict(model_cfg.get(role) or {})
     target = spec.pop("_target_", None)
     if not target:
         raise ConfigError(f"model.{role}._target_ is not set; name the estimator class")
-    if not str(target).startswith(ALLOWED_TARGET_PREFIXES):
-        raise ConfigError(
-            f"model.{role}._target_={target} is not allowed; models must come from "
-            f"{' or '.join(ALLOWED_TARGET_PREFIXES)}"
-        )
+    check_target(f"model.{role}._target_", target, allowed)
     params = {k: v for k, v in model_cfg.items() if k not in META_KEYS}
     params.update(spec)
     return str(target), params
@@ -53,6 +51,7 @@ def build_model(
     numeric: tuple[str, ...],
     categorical: tuple[str, ...],
     n_jobs: int | None = None,
+    allowed: Iterable[str] = ALLOWED_TARGETS,
 ) -> Any:
     """A Pipeline of preprocessing chained with the configured estimator.
 
@@ -61,7 +60,7 @@ def build_model(
     from hydra.utils import instantiate
     from sklearn.pipeline import Pipeline
 
-    target, params = estimator_params(model_cfg, task)
+    target, params = estimator_params(model_cfg, task, allowed)
     if "n_jobs" in params and params["n_jobs"] is None and n_jobs is not None:
         params["n_jobs"] = n_jobs
     try:

@@ -122,7 +122,7 @@ def run_one(
     objective = objective_of(plain, dataset.task)
     model = build_model(
         plain["model"], dataset.task, dataset.numeric, dataset.categorical,
-        n_jobs=n_jobs or os.cpu_count() or 1,
+        n_jobs=n_jobs or os.cpu_count() or 1, allowed=config_mod.allowed_targets(plain),
     )
     if experiment_id is None:
         experiment_id = connect(settings)
@@ -136,7 +136,7 @@ def run_one(
         "objective.direction": objective.direction,
         **git_info(str(root)),
         **{f"versions.{k}": v for k, v in versions().items()},
-        **settings.tags,
+        **config_mod.mask_secrets(settings.tags),
         **(extra_tags or {}),
     }
     run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
@@ -158,7 +158,7 @@ def run_one(
             log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
             mlflow.log_text(_yaml(masked), "config.yaml")
             if context.overrides:
-                overrides = config_mod.mask_secrets(context.overrides)
+                overrides = config_mod.mask_overrides(context.overrides)
                 mlflow.log_text(_yaml(overrides), "overrides.yaml")
             log_datasets(run_id, dataset)
             fit_time = fit(model, dataset, plain["model"], reporter)

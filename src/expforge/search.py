@@ -23,7 +23,7 @@ import re
 import socket
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ from expforge.tracking import TrackingSettings, connect, set_tags, tracked_run
 
 __all__ = ["SearchResult", "SearchSettings", "run_search"]
 
-ALLOWED_PREFIXES = ("optuna.",)
 _STUDY_ROLE = "study"
 _RUN_ATTR = "mlflow_run_id"
 _PID_ATTR = "expforge.pid"
@@ -75,7 +74,7 @@ class SearchSettings:
     top_k: int
     plots: bool
     seed: int = 0
-    tags: dict[str, str] = field(default_factory=dict)
+    allowed_targets: tuple[str, ...] = config_mod.ALLOWED_TARGETS
 
     @property
     def multi_objective(self) -> bool:
@@ -159,6 +158,7 @@ def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
         top_k=int(s.get("top_k", 10)),
         plots=bool(s.get("plots", True)),
         seed=int(plain.get("seed", 0)),
+        allowed_targets=config_mod.allowed_targets(plain),
     )
 
 
@@ -618,15 +618,11 @@ def _open_study(settings: SearchSettings, params: list[Param], index: int,
         ) from None
 
 
-def _instantiate(key: str, spec: Mapping[str, Any], **extra: Any) -> Any:
+def _instantiate(key: str, spec: Mapping[str, Any], allowed: tuple[str, ...],
+                 **extra: Any) -> Any:
     from hydra.utils import instantiate
 
-    target = str(spec.get("_target_", ""))
-    if not target.startswith(ALLOWED_PREFIXES):
-        raise ConfigError(
-            f"{key}._target_={target} is not allowed; samplers and pruners come from optuna. "
-            "(e.g. optuna.samplers.RandomSampler)"
-        )
+    target = config_mod.check_target(f"{key}._target_", spec.get("_target_"), allowed)
     try:
         return instantiate({**spec, **extra}, _convert_="all")
     except Exception as exc:
@@ -647,7 +643,7 @@ def _sampler(settings: SearchSettings, params: list[Param], index: int, offset: 
         spec["seed"] = int(spec["seed"]) + index + 1009 * offset
     if str(spec.get("_target_", "")).endswith("GridSampler") and "search_space" not in spec:
         extra["search_space"] = grid_of(params)
-    return _instantiate("search.sampler", spec, **extra)
+    return _instantiate("search.sampler", spec, settings.allowed_targets, **extra)
 
 
 def _pruner(settings: SearchSettings) -> Any:
@@ -655,7 +651,7 @@ def _pruner(settings: SearchSettings) -> Any:
         import optuna
 
         return optuna.pruners.NopPruner()
-    return _instantiate("search.pruner", settings.pruner)
+    return _instantiate("search.pruner", settings.pruner, settings.allowed_targets)
 
 
 def _reap_orphans(study: Any, tracking: TrackingSettings) -> None:

@@ -46,7 +46,7 @@ class SweepParent(Callback):
     def _start(self, config: Any) -> None:
         import mlflow
 
-        from expforge.config import mask_secrets
+        from expforge.config import mask_overrides
         from expforge.tracking import TrackingSettings, connect
 
         tracking = TrackingSettings.from_config(_section(config, "tracking"))
@@ -56,7 +56,7 @@ class SweepParent(Callback):
         run = mlflow.MlflowClient(tracking.uri).create_run(
             experiment_id,
             run_name=name,
-            tags={"expforge.role": "sweep", "hydra.overrides": " ".join(mask_secrets(overrides)),
+            tags={"expforge.role": "sweep", "hydra.overrides": " ".join(mask_overrides(overrides)),
                   **tracking.tags},
         )
         os.environ[ENV_PARENT] = run.info.run_id

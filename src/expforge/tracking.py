@@ -107,11 +107,12 @@ def check_reachable(uri: str) -> None:
                 f"tracking.uri={shown}: folder {folder} does not exist; create it or fix "
                 "tracking.uri"
             )
-        writable = os.access(path if path.exists() else folder, os.W_OK)
-        if not writable:
+        # SQLite writes a journal beside the database: the folder must be writable too.
+        blocked = [p for p in (folder, path) if p.exists() and not os.access(p, os.W_OK)]
+        if blocked:
             raise TrackingError(
-                f"tracking.uri={shown}: {path if path.exists() else folder} is not writable; "
-                "fix its permissions or point tracking.uri elsewhere"
+                f"tracking.uri={shown}: {blocked[0]} is not writable; fix its permissions or "
+                "point tracking.uri elsewhere"
             )
     elif scheme in _DB_SCHEMES:
         parsed = urlparse(uri)

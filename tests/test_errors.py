@@ -1,0 +1,134 @@
+"""Bad input: one line naming the key, the value and the fix; non-zero exit; nothing lost.
+
+Each row of the README's error table is a case here, run as a user types it."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from expforge.runner import run_one
+
+from .conftest import client, compose, run_cli
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> dict[str, Path]:
+    out = {"empty": tmp_path / "empty.csv", "nan": tmp_path / "nan.csv",
+           "nofeat": tmp_path / "nofeat.csv"}
+    out["empty"].write_text("")
+    pd.DataFrame({"x": [1.0, 2.0, 3.0, 4.0], "y": [1.0, None, 2.0, 3.0]}).to_csv(
+        out["nan"], index=False)
+    pd.DataFrame({"when": ["2021-01-01"] * 4, "y": [1.0, 2.0, 3.0, 4.0]}).to_csv(
+        out["nofeat"], index=False)
+    pd.read_csv(out["nofeat"], parse_dates=["when"]).to_parquet(tmp_path / "nofeat.parquet")
+    out["nofeat"] = tmp_path / "nofeat.parquet"
+    return out
+
+
+@pytest.fixture()
+def immutable(tmp_path: Path) -> Iterator[Path]:
+    """A folder nobody can write, root included (chattr +i)."""
+    folder = tmp_path / "readonly-project"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], check=False).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    yield folder
+    subprocess.run(["chattr", "-i", str(folder)], check=False)
+
+
+CASES = {
+    "unknown-option": (["model=xgbb"], "Available options in 'model'"),
+    "misspelt-key": (["model.max_dept=3"],
+                     "error: model.max_dept=3 names model.max_dept, which is not a config key; "
+                     "did you mean model.max_depth?"),
+    "wrong-type": (["search=optuna", "search.n_trials=many"],
+                   "error: search.n_trials=many is invalid; give a whole number >= 1"),
+    "zero-budget": (["search=optuna", "search.n_trials=0"],
+                    "error: search.n_trials=0 is invalid; give a whole number >= 1"),
+    "negative-budget": (["search=optuna", "search.n_trials=-3"],
+                        "error: search.n_trials=-3 is invalid"),
+    "missing-file": (["data=tabular", "data.path=nope.csv", "data.target=y"],
+                     "error: data.path=nope.csv does not exist"),
+    "empty-file": (["data=tabular", "data.path={empty}", "data.target=y"],
+                   "is empty; it needs a header and at least one row"),
+    "nan-target": (["data=tabular", "data.path={nan}", "data.target=y"],
+                   "error: data.target=y has 1 missing value(s)"),
+    "no-features": (["data=tabular", "data.path={nofeat}", "data.target=y"],
+                    "error: the data has no usable feature besides the target y"),
+    "space-key": (["search=optuna", '+search_space.model.max_dept="int(interval(1, 3))"'],
+                  "error: search_space.model.max_dept: model.max_dept is not a key of the "
+                  "config; did you mean model.max_depth?"),
+    "low-above-high": (["search=optuna", "search_space.model.max_depth.low=30"],
+                       "error: search_space.model.max_depth: low=30 > high=20; swap them"),
+    "unknown-sampler": (["search=optuna", "search.sampler._target_=optuna.samplers.Nope"],
+                        "error: search.sampler._target_=optuna.samplers.Nope cannot be built"),
+    "blocked-target": (["model.regressor._target_=os.system"],
+                       "error: model.regressor._target_=os.system is not an allowed target"),
+    "unreachable-server": (["tracking.uri=http://127.0.0.1:{port}"],
+                           "error: tracking.uri=http://127.0.0.1:{port} is unreachable"),
+    "unwritable-project": (["paths.root={readonly}"], "is not writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_row(case: str, tmp_path: Path, files, request) -> None:
+    args, message = CASES[case]
+    values = {k: str(v) for k, v in files.items()} | {"port": str(_closed_port())}
+    if case == "unwritable-project":
+        values["readonly"] = str(request.getfixturevalue("immutable"))
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+             f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out",
+             f"search.storage={tmp_path}/s.journal"]
+    if case == "unreachable-server":
+        store = store[1:]
+    if case == "unwritable-project":
+        store = []
+    if not any(a.startswith("search=") for a in args):
+        store = [a for a in store if not a.startswith("search.")]
+    done = run_cli(*(a.format(**values) for a in args), *store, timeout=60)
+    assert done.returncode == 1, (done.stdout[-1000:], done.stderr[-2000:])
+    assert message.format(**values) in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    if (tmp_path / "mlflow.db").exists():
+        c = client(f"sqlite:///{tmp_path}/mlflow.db")
+        runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        assert not c.search_registered_models()
+
+
+def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
+    import time
+
+    start = time.monotonic()
+    done = run_cli("tracking.uri=http://127.0.0.1:9", f"paths.outputs={tmp_path}/out")
+    assert done.returncode == 1 and "http://127.0.0.1:9 is unreachable" in done.stderr
+    assert time.monotonic() - start < 30  # MLflow alone retries for minutes
+
+
+def test_register_cli_errors(tmp_path: Path) -> None:
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+             f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
+    done = run_cli(*store, script="register.py")
+    assert done.returncode == 1 and "error: tracking.experiment=expforge does not exist" \
+        in done.stderr
+    from expforge.config import to_plain
+
+    cfg = to_plain(compose(*store[:2], "model=linear"))
+    run_one(cfg, log_plot_artifacts=False)
+    done = run_cli(*store, "register.metric=val_auc", script="register.py")
+    assert done.returncode == 1
+    assert "error: register.metric=val_auc is not logged by the candidate runs" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not client(store[0].split("=", 1)[1]).search_registered_models()
