@@ -21,8 +21,11 @@ def test_sigkill_leaves_ghosts_that_the_next_start_clears(tmp_path: Path) -> Non
     journal = tmp_path / "s.journal"
     deadline = time.time() + 120
     while time.time() < deadline:
-        if journal.exists() and any(t.state == optuna.trial.TrialState.RUNNING
-                                    for t in load(journal, "cli").trials):
+        try:
+            trials = load(journal, "cli").trials if journal.exists() else []
+        except KeyError:  # the file exists, the study not yet
+            trials = []
+        if any(t.state == optuna.trial.TrialState.RUNNING for t in trials):
             break
         time.sleep(0.2)
     time.sleep(1.0)

@@ -178,7 +178,10 @@ def test_interrupt_then_resume_completes_the_budget(tmp_path: Path, sig: int) ->
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the first trial has finished
         if journal.exists():
-            trials = load(journal, "cli").trials
+            try:
+                trials = load(journal, "cli").trials
+            except KeyError:  # the file exists, the study not yet
+                trials = []
             if any(t.state.is_finished() for t in trials):
                 break
         time.sleep(0.3)

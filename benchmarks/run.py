@@ -1,0 +1,273 @@
+"""expforge benchmarks, side by side with what a user would write by hand.
+
+    python benchmarks/run.py            # full suite (~20 min on 2 cores); writes RESULTS.md
+    python benchmarks/run.py --smoke    # tiny sizes, to keep the suite working (CI)
+
+Every contender runs end to end as a separate process (imports included), the contenders of a
+comparison alternate within each repetition, and medians are reported. Peak memory is the
+largest sum of PSS over the process tree (shared copy-on-write pages counted once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Measure:
+    wall_s: float
+    peak_mb: float
+
+
+@dataclass
+class Table:
+    title: str
+    rows: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, name: str, value: str) -> None:
+        self.rows.append((name, value))
+        print(f"  {name:58s} {value}", flush=True)
+
+
+def _tree_pss_kb(pid: int) -> int:
+    """PSS of ``pid`` and all its descendants (KiB)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def run(cmd: list[str], cwd: Path = ROOT, sample_memory: bool = False) -> Measure:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _tree_pss_kb(proc.pid))
+            stop.wait(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if sample_memory:
+        sampler.start()
+    _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    stop.set()
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n"
+                         f"{err[-3000:]}")
+    return Measure(wall, peak[0] / 1024)
+
+
+def expforge(store: Path, *args: str) -> list[str]:
+    return [PY, str(ROOT / "run.py"), *args, f"tracking.uri=sqlite:///{store}/bench.db",
+            f"tracking.artifact_root={store}/art", f"paths.outputs={store}/out"]
+
+
+# The space of the overhead comparison, on rf's default space.
+RF_SPACE = [
+    "search_space.model.n_estimators.low=10", "search_space.model.n_estimators.high=50",
+    "search_space.model.n_estimators.log=false", "search_space.model.max_depth.low=1",
+    "search_space.model.max_depth.high=20", "search_space.model.min_samples_leaf.high=4",
+    "~search_space.model.max_features",
+]
+
+
+def overhead(store: Path, sizes: tuple[int, int], reps: int, table: Table) -> dict[str, float]:
+    """(a) bare Optuna, (b) hand-written MLflow loop, (c) run.py search=optuna."""
+    uri = f"sqlite:///{store}/bench.db"
+    counter = iter(range(10**6))
+
+    def contender(name: str, n: int) -> list[str]:
+        if name == "a":
+            return [PY, str(HERE / "hand_optuna.py"), str(n)]
+        if name == "b":
+            return [PY, str(HERE / "hand_optuna.py"), str(n), "--mlflow", uri]
+        i = next(counter)
+        return expforge(store, "search=optuna", "model=rf", "model.n_jobs=1",
+                        f"search.n_trials={n}", f"search.study_name=bench-{i}",
+                        f"search.storage={store}/studies/bench-{i}.journal",
+                        "tracking.experiment=bench-c", *RF_SPACE)
+
+    # Warm the store (schema, experiments) so that no contender pays for creating it.
+    run(contender("b", 1))
+    run(contender("c", 1))
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(reps):
+        for n in sizes:
+            for name in ("a", "b", "c"):
+                times.setdefault((name, n), []).append(run(contender(name, n)).wall_s)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    small, large = sizes
+    for name, label in (("a", "(a) bare Optuna loop"), ("b", "(b) hand-written MLflow loop"),
+                        ("c", "(c) python run.py search=optuna")):
+        for n in sizes:
+            table.add(f"{label}, {n} trials", f"{med[(name, n)]:.2f} s")
+    slope = {name: (med[(name, large)] - med[(name, small)]) / (large - small)
+             for name in "abc"}
+    table.add("per-trial cost over (a): (b)", f"{(slope['b'] - slope['a']) * 1000:.1f} ms")
+    table.add("per-trial cost over (a): (c)", f"{(slope['c'] - slope['a']) * 1000:.1f} ms")
+    for n in (large, small):
+        table.add(f"(c) / (b) end to end, {n} trials", f"{med[('c', n)] / med[('b', n)]:.2f}x")
+    return {"c_over_b": med[("c", large)] / med[("b", large)],
+            "c_slope_ms": (slope["c"] - slope["a"]) * 1000}
+
+
+def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table) -> None:
+    """XGBoost, one thread per worker: 2 workers against 1, and a joblib multirun."""
+    fixed = ["model=xgb", "data=synthetic", f"data.n_samples={n_samples}", "data.n_features=50",
+             "model.n_jobs=1", "model.n_estimators=100", "model.max_depth=6",
+             "~search_space.model.n_estimators", "~search_space.model.max_depth",
+             "search.pruner=null", "search.plots=false", "search.log_models=none",
+             "tracking.experiment=bench-parallel"]
+    counter = iter(range(10**6))
+    grid = [0.05, 0.1, 0.15, 0.2]
+    multirun_jobs = len(grid) * 4
+
+    def search(workers: int) -> list[str]:
+        i = next(counter)
+        return expforge(store, "search=optuna", *fixed, f"search.n_trials={n_trials}",
+                        f"search.n_workers={workers}", f"search.study_name=par-{i}",
+                        f"search.storage={store}/studies/par-{i}.journal")
+
+    def multirun() -> list[str]:
+        values = ",".join(map(str, grid))
+        return expforge(store, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                        *fixed[:7], f"model.learning_rate={values}",
+                        "model.subsample=0.6,0.7,0.8,0.9", "tracking.log_plots=false",
+                        "tracking.log_model=false", "tracking.experiment=bench-parallel")
+
+    times: dict[str, list[float]] = {"1": [], "2": [], "joblib": []}
+    for _ in range(reps):
+        times["1"].append(run(search(1)).wall_s)
+        times["2"].append(run(search(2)).wall_s)
+        times["joblib"].append(run(multirun()).wall_s)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    table.add(f"search.n_workers=1, {n_trials} trials", f"{med['1']:.2f} s")
+    table.add(f"search.n_workers=2, {n_trials} trials", f"{med['2']:.2f} s")
+    table.add(f"joblib multirun, 2 jobs at a time, {multirun_jobs} runs", f"{med['joblib']:.2f} s")
+    table.add("throughput n_workers=2 / n_workers=1", f"{med['1'] / med['2']:.2f}x")
+    table.add("throughput n_workers=2 / joblib multirun (per trial)",
+              f"{(med['joblib'] / multirun_jobs) / (med['2'] / n_trials):.2f}x")
+
+
+def scale(store: Path, n_samples: int, n_trials: int, table: Table) -> None:
+    data_mb = n_samples * 50 * 4 / 2**20
+    m = run(expforge(store, "experiment=synthetic_scale", f"data.n_samples={n_samples}",
+                     f"search.n_trials={n_trials}", "model.n_estimators=50",
+                     "~search_space.model.n_estimators", f"search.study_name=scale-{n_samples}",
+                     f"search.storage={store}/studies/scale-{n_samples}.journal",
+                     "search.log_models=none"), sample_memory=True)
+    budget = 2.5 * data_mb + 1024
+    table.add(f"synthetic {n_samples:,} x 50 float32 ({data_mb:.0f} MB), xgb, "
+              f"{n_trials} trials, 2 workers", f"{m.wall_s:.1f} s")
+    table.add("peak memory (PSS of the process tree)",
+              f"{m.peak_mb:.0f} MB (goal <= {budget:.0f} MB: "
+              f"{'met' if m.peak_mb <= budget else 'missed'})")
+
+
+def startup(store: Path, reps: int, table: Table) -> None:
+    helps, ours, hand = [], [], []
+    for _ in range(reps):
+        helps.append(run([PY, str(ROOT / "run.py"), "--help"]).wall_s)
+        ours.append(run(expforge(store, "tracking.experiment=bench-startup")).wall_s)
+        hand.append(run([PY, str(HERE / "hand_run.py"), f"sqlite:///{store}/bench.db"]).wall_s)
+    table.add("python run.py --help", f"{statistics.median(helps):.2f} s (goal < 1 s)")
+    table.add("python run.py (default data and model)", f"{statistics.median(ours):.2f} s")
+    table.add("hand-written script, same model and run", f"{statistics.median(hand):.2f} s")
+    table.add("run.py / hand-written", f"{statistics.median(ours) / statistics.median(hand):.2f}x "
+              "(goal <= 1.3x)")
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), "?")
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.platform()}; {os.cpu_count()} cores ({cpu}); {mem:.0f} GiB; "
+            f"Python {platform.python_version()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="overhead parallel scale startup")
+    args = parser.parse_args()
+    sections = args.only or ["overhead", "parallel", "scale", "startup"]
+    reps = 1 if args.smoke else 3
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="expforge-bench-") as tmp:
+        store = Path(tmp)
+        print(f"machine: {machine()}", flush=True)
+        if "overhead" in sections:
+            tables.append(Table("Overhead of tracking (diabetes, rf n_jobs=1, TPE seeded)"))
+            print(tables[-1].title, flush=True)
+            overhead(store, (1, 2) if args.smoke else (10, 40), reps, tables[-1])
+        if "parallel" in sections:
+            tables.append(Table("Parallel throughput (xgb, 1 thread per worker)"))
+            print(tables[-1].title, flush=True)
+            parallel(store, 2000 if args.smoke else 20000, 2 if args.smoke else 16, reps,
+                     tables[-1])
+        if "scale" in sections:
+            tables.append(Table("Scale"))
+            print(tables[-1].title, flush=True)
+            scale(store, 5000 if args.smoke else 1_000_000, 2 if args.smoke else 5, tables[-1])
+        if "startup" in sections:
+            tables.append(Table("Start-up"))
+            print(tables[-1].title, flush=True)
+            startup(store, reps, tables[-1])
+    lines = ["# Benchmark results", "", f"Machine: {machine()}.",
+             f"Mode: {'smoke (tiny sizes)' if args.smoke else 'full'}; medians of {reps} "
+             f"repetition(s), contenders alternating; `python benchmarks/run.py`.", ""]
+    for t in tables:
+        lines += [f"## {t.title}", "", "| measure | value |", "|---|---|"]
+        lines += [f"| {name} | {value} |" for name, value in t.rows]
+        lines.append("")
+    Path(args.out).write_text("\n".join(lines))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
