@@ -28,4 +28,6 @@ with mlflow.start_run():
         mlflow.log_metrics({f"{split}_rmse": math.sqrt(mean_squared_error(ys, pred)),
                             f"{split}_mae": mean_absolute_error(ys, pred),
                             f"{split}_r2": r2_score(ys, pred)})
-    mlflow.sklearn.log_model(model, name="model", input_example=X_train.head(5))
+    # skops (the default format) refuses tree models unless their Tree type is trusted.
+    mlflow.sklearn.log_model(model, name="model", input_example=X_train.head(5),
+                             skops_trusted_types=["sklearn.tree._tree.Tree"])

@@ -234,9 +234,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--only", nargs="*", default=None,
                         help="overhead parallel scale startup")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     args = parser.parse_args()
     sections = args.only or ["overhead", "parallel", "scale", "startup"]
-    reps = 1 if args.smoke else 3
+    reps = args.reps or (1 if args.smoke else 3)
     tables = []
     with tempfile.TemporaryDirectory(prefix="expforge-bench-") as tmp:
         store = Path(tmp)

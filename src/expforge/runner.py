@@ -27,7 +27,9 @@ from expforge.tracking import (
     versions,
 )
 
-__all__ = ["Objective", "RunContext", "RunResult", "fit", "objective_of", "run_one"]
+__all__ = [
+    "Objective", "RunContext", "RunResult", "attach_model", "fit", "objective_of", "run_one",
+]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
 _UNLOGGED = ("hydra", "search_space")
@@ -156,10 +158,10 @@ def run_one(
             if on_start is not None:
                 on_start(run_id)
             log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
-            mlflow.log_text(_yaml(masked), "config.yaml")
+            mlflow.log_text(config_mod.to_yaml(masked), "config.yaml")
             if context.overrides:
                 overrides = config_mod.mask_overrides(context.overrides)
-                mlflow.log_text(_yaml(overrides), "overrides.yaml")
+                mlflow.log_text(config_mod.to_yaml(overrides), "overrides.yaml")
             log_datasets(run_id, dataset)
             fit_time = fit(model, dataset, plain["model"], reporter)
             metrics, val_outputs = score(model, dataset)
@@ -331,7 +333,13 @@ def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any], task: str) -> 
     return None
 
 
-def _yaml(tree: Any) -> str:
-    import yaml
+def attach_model(run_id: str, experiment_id: str, model: Any, dataset: Dataset,
+                 plots: bool = True) -> str:
+    """Log a fitted model (and its plots) into an existing run; return the model URI."""
+    with tracked_run(experiment_id, run_id=run_id):
+        if plots:
+            from expforge.plots import model_figures
 
-    return yaml.safe_dump(tree, sort_keys=False, default_flow_style=False)
+            _, val_outputs = score(model, dataset)
+            log_figures(model_figures(model, dataset, val_outputs))
+        return str(log_model(model, dataset.train.X).model_uri)

@@ -31,7 +31,7 @@ from expforge import config as config_mod
 from expforge.data import Dataset, load_data
 from expforge.errors import ConfigError, ExpforgeError, SearchError
 from expforge.metrics import direction_of
-from expforge.runner import Objective, RunContext, objective_of, run_one
+from expforge.runner import Objective, RunContext, attach_model, objective_of, run_one
 from expforge.space import Param, apply_params, grid_of, parse_space, suggest
 from expforge.tracking import TrackingSettings, connect, set_tags, tracked_run
 
@@ -336,6 +336,7 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
             gc_after_trial=False,
             show_progress_bar=False,
         )
+    objective.flush_best()
     _check_failures(settings, _counts(study), study)
 
 
@@ -352,6 +353,16 @@ class _Objective:
     def __init__(self, job: _Job, study: Any, index: int) -> None:
         self.job, self.study, self.index = job, study, index
         self.threads = max(1, (os.cpu_count() or 1) // job.settings.n_workers)
+        settings = job.settings
+        # log_models=best: the worker keeps its best fitted model in memory and logs it once,
+        # at its end, if it still is the study's best (see flush_best); logging a model and its
+        # plots at every improvement cost ~0.5 s each.
+        self.defer = settings.log_models == "best" and not settings.multi_objective
+        self.log_each = settings.log_models == "all" or (
+            settings.log_models == "best" and settings.multi_objective)
+        self.best: tuple[float, str, Any] | None = None
+        # The study's command line is on the parent run; a trial's own overrides are its params.
+        self.context = RunContext(choices=job.context.choices)
 
     def __call__(self, trial: Any) -> Any:
         import optuna
@@ -383,16 +394,16 @@ class _Objective:
             trial.set_user_attr(_RUN_ATTR, run_id)
 
         try:
-            result, _ = run_one(
+            result, model = run_one(
                 cfg,
-                job.context,
+                self.context,
                 dataset=job.dataset,
                 experiment_id=job.experiment_id,
                 parent_run_id=job.parent_run_id,
                 extra_tags=tags,
                 n_jobs=self.threads,
-                log_model_artifact=self._keep_model(),
-                log_plot_artifacts=False if settings.log_models == "none" else None,
+                log_model_artifact=self.log_each,
+                log_plot_artifacts=None if self.log_each else False,
                 reporter=reporter,
                 on_start=started,
                 stop_early=(optuna.TrialPruned,),
@@ -409,25 +420,32 @@ class _Objective:
             raise
         values = tuple(_metric(result.metrics, o.metric) for o in settings.objectives)
         set_tags(result.run_id, {"optuna.trial_state": "COMPLETE"})
+        if self.defer and self._improves(values[0]):
+            self.best = (values[0], result.run_id, model)
         return values if settings.multi_objective else values[0]
 
-    def _keep_model(self) -> bool | Callable[[dict[str, float]], bool]:
-        mode = self.job.settings.log_models
-        if mode != "best" or self.job.settings.multi_objective:
-            return mode != "none"
-        objective = self.job.settings.objectives[0]
+    def _improves(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.best is None:
+            return True
+        minimize = self.job.settings.objectives[0].direction == "minimize"
+        return value < self.best[0] if minimize else value > self.best[0]
 
-        def improves(metrics: dict[str, float]) -> bool:
-            value = metrics.get(objective.metric)
-            if value is None or math.isnan(value):
-                return False
-            try:
-                best = self.study.best_value
-            except ValueError:  # no complete trial yet
-                return True
-            return value < best if objective.direction == "minimize" else value > best
-
-        return improves
+    def flush_best(self) -> None:
+        """Log the worker's best model (and plots) into its run if it is the study's best."""
+        if self.best is None:
+            return
+        _, run_id, model = self.best
+        try:
+            if self.study.best_trial.user_attrs.get(_RUN_ATTR) != run_id:
+                return  # another worker or an earlier session holds the best
+        except ValueError:
+            return
+        job = self.job
+        attach_model(run_id, job.experiment_id, model, job.dataset,
+                     plots=job.tracking.log_plots)
+        self.best = None
 
 
 class _BudgetReached(Exception):
@@ -757,9 +775,10 @@ def _log_parent_config(job: _Job) -> None:
 
     masked = config_mod.mask_secrets(dict(job.plain))
     mlflow.log_params(config_mod.param_values(masked, exclude=("hydra",)))
-    import yaml
-
-    mlflow.log_text(yaml.safe_dump(masked, sort_keys=False), "config.yaml")
+    mlflow.log_text(config_mod.to_yaml(masked), "config.yaml")
+    if job.context.overrides:
+        mlflow.log_text(config_mod.to_yaml(config_mod.mask_overrides(job.context.overrides)),
+                        "overrides.yaml")
 
 
 def _report_failure(study: Any, trial: Any) -> None:
