@@ -1,0 +1,20 @@
+"""The benchmark suite keeps working (tiny sizes; the real numbers are in RESULTS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import ROOT
+
+
+def test_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--only", "overhead",
+         "--out", str(out)], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "(c) python run.py search=optuna, 2 trials" in text
+    assert "per-trial cost over (a): (c)" in text and "Machine:" in text
