@@ -227,3 +227,43 @@ def test_deleted_parent_run_gets_a_new_parent(plain, store, tmp_path: Path) -> N
     second = run_search(plain(*base, "search.n_trials=2")).parent_run_id
     assert second != first
     assert client(store["uri"]).get_run(second).info.status == "FINISHED"
+
+
+def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Path) -> None:
+    cfg = plain("search=optuna", "model=rf", "search.n_trials=3", "search.study_name=moo",
+                f"search.storage={tmp_path}/s.journal", "search.plots=false",
+                "search.sampler._target_=optuna.samplers.NSGAIISampler",
+                "search.metrics=[val_rmse,fit_time_s]",
+                "search.directions=[minimize,minimize]")
+    cfg["search_space"] = {"model.n_estimators": "int(interval(5, 15))"}
+    assert run_search(cfg).best_value is None  # a Pareto front, not one best value
+    study = load(tmp_path / "s.journal", "moo")
+    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+    assert all(len(t.values) == 2 for t in study.trials)
+
+    grid = plain("search=optuna", "model=rf", "search.n_trials=4", "search.study_name=grid",
+                 f"search.storage={tmp_path}/s.journal", "search.plots=false",
+                 "search.sampler._target_=optuna.samplers.GridSampler", "~search.sampler.seed")
+    grid["search_space"] = {"model.max_depth": "choice(2, 4)", "model.n_estimators": "range(5, 6)"}
+    run_search(grid)
+    seen = {(t.params["model.max_depth"], t.params["model.n_estimators"])
+            for t in load(tmp_path / "s.journal", "grid").trials}
+    assert seen == {(2, 5), (2, 6), (4, 5), (4, 6)}
+
+
+def test_a_study_in_a_sweep_hangs_under_the_sweep_parent(plain, store, tmp_path: Path) -> None:
+    from expforge.registry import register_best
+    from expforge.tracking import TrackingSettings, connect
+
+    cfg = plain("search=optuna", *FAST_RF, "search.n_trials=2", "search.study_name=in-sweep",
+                f"search.storage={tmp_path}/s.journal", "search.plots=false")
+    c = client(store["uri"])
+    exp_id = connect(TrackingSettings.from_config(cfg["tracking"]))
+    sweep = c.create_run(exp_id, run_name="sweep", tags={"expforge.role": "sweep"}).info.run_id
+    study_parent = run_search(cfg, sweep_parent_run_id=sweep).parent_run_id
+    assert c.get_run(study_parent).data.tags["mlflow.parentRunId"] == sweep
+    c.set_terminated(sweep, "FINISHED")
+    # register.py's default target is the sweep (not the study inside it), and it reaches the
+    # trials through the study
+    report = register_best({"model_name": "in-sweep-m"}, cfg["tracking"])
+    assert sweep in report.target and report.winner is not None
