@@ -17,4 +17,4 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     assert "(c) python run.py search=optuna, 2 trials" in text
-    assert "per-trial cost over (a): (c)" in text and "Machine:" in text
+    assert "(a) bare Optuna loop, 2 trials" in text and "Machine:" in text

@@ -55,8 +55,6 @@ CASES = {
                      "did you mean model.max_depth?"),
     "wrong-type": (["search=optuna", "search.n_trials=many"],
                    "error: search.n_trials=many is invalid; give a whole number >= 1"),
-    "zero-budget": (["search=optuna", "search.n_trials=0"],
-                    "error: search.n_trials=0 is invalid; give a whole number >= 1"),
     "negative-budget": (["search=optuna", "search.n_trials=-3"],
                         "error: search.n_trials=-3 is invalid"),
     "missing-file": (["data=tabular", "data.path=nope.csv", "data.target=y"],
