@@ -75,6 +75,30 @@ def run_cli(
     )
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_http(url: str, server: subprocess.Popen[str], timeout: float = 180) -> None:
+    """Poll ``url`` until the server answers; fail with its stderr if it dies first."""
+    import time
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert server.poll() is None, server.stderr.read()[-3000:] if server.stderr else ""
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout:.0f} s")
+
+
 def write_taxi_month(path: Path, n: int, seed: int, month: int = 1) -> Path:
     """A small file with the NYC TLC green trip schema (no download)."""
     rng = np.random.default_rng(seed)

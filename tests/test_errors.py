@@ -4,7 +4,6 @@ Each row of the README's error table is a case here, run as a user types it."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +13,7 @@ import pytest
 
 from expforge.runner import run_one
 
-from .conftest import client, compose, run_cli
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import client, compose, free_port, run_cli
 
 
 @pytest.fixture()
@@ -83,7 +76,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_row(case: str, tmp_path: Path, files, request) -> None:
     args, message = CASES[case]
-    values = {k: str(v) for k, v in files.items()} | {"port": str(_closed_port())}
+    # a free port: nothing listens there
+    values = {k: str(v) for k, v in files.items()} | {"port": str(free_port())}
     if case == "unwritable-project":
         values["readonly"] = str(request.getfixturevalue("immutable"))
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",

@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from expforge.registry import register_best
 from expforge.runner import run_one
 from expforge.search import run_search
 
-from .conftest import client, run_cli
+from .conftest import client, free_port, run_cli, wait_for_http
 
 
 def _search(plain, tmp_path: Path, name: str, max_depth: str) -> tuple[dict, str]:
@@ -103,12 +101,6 @@ def test_registry_errors(plain, store) -> None:
         register_best(_reg(cfg, filter="params.model.name = 'xgb'"), cfg["tracking"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> None:
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
              f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
@@ -130,7 +122,7 @@ def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> N
                             capture_output=True, text=True, timeout=120, check=False)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "4", loaded.stderr[-2000:]
 
-    port = _free_port()
+    port = free_port()
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` runs uvicorn from PATH
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     mlflow_bin = str(Path(bin_dir) / "mlflow")
@@ -139,14 +131,7 @@ def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> N
          "-h", "127.0.0.1"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-2000:]
-                time.sleep(0.5)
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, timeout=120)
         from sklearn.datasets import load_diabetes
 
         rows = load_diabetes(as_frame=True).data.head(2)

@@ -9,14 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port, wait_for_http
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 
@@ -52,15 +51,9 @@ def databases() -> Iterator[dict[str, str]]:
         _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def mlflow_server(databases: dict[str, str], tmp_path: Path) -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     server = subprocess.Popen(
@@ -70,16 +63,7 @@ def mlflow_server(databases: dict[str, str], tmp_path: Path) -> Iterator[str]:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read()[-3000:]
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 180 s")
+        wait_for_http(f"{url}/health", server)
         yield url
     finally:
         server.terminate()
