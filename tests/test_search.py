@@ -64,16 +64,18 @@ def test_study_layout_parent_children_best_model(plain, store, tmp_path: Path) -
     assert len(logged) == 1
 
 
-def test_pruning_stops_xgboost_trials_early(plain, store, tmp_path: Path) -> None:
-    cfg = plain("search=optuna", "model=xgb", "search.n_trials=3", "search.report_every=5",
-                "search.study_name=prune", f"search.storage={tmp_path}/s.journal")
+@pytest.mark.parametrize("model", ["xgb", "hgb"])
+def test_pruning_stops_iterative_models_early(plain, store, tmp_path: Path, model: str) -> None:
+    cfg = plain("search=optuna", f"model={model}", "search.n_trials=2",
+                "search.report_every=5", "search.study_name=prune",
+                f"search.storage={tmp_path}/s.journal")
     cfg["search"]["pruner"] = {"_target_": "optuna.pruners.ThresholdPruner", "upper": 1.0}
     run_search(cfg)
     study = load(tmp_path / "s.journal", "prune")
-    states = [t.state for t in study.trials]
-    assert states == [optuna.trial.TrialState.PRUNED] * 3
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
     c = client(store["uri"])
     for t in study.trials:
+        assert list(t.intermediate_values) == [5]  # stopped at the first report
         run = c.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED"
         assert run.data.tags["pruned"] == "true" and run.data.tags["pruned_step"] == "5"
@@ -207,16 +209,6 @@ def test_resume_continues_without_replaying_trials(plain, tmp_path: Path) -> Non
     assert len(params) == 6 and len(set(params)) == 6
     parents = {t.user_attrs.get("mlflow_run_id") for t in study.trials}
     assert len(parents) == 6
-
-
-def test_hgb_prunes_by_iterations(plain, store, tmp_path: Path) -> None:
-    cfg = plain("search=optuna", "model=hgb", "search.n_trials=2", "search.report_every=5",
-                "search.study_name=hgb", f"search.storage={tmp_path}/s.journal")
-    cfg["search"]["pruner"] = {"_target_": "optuna.pruners.ThresholdPruner", "upper": 1.0}
-    run_search(cfg)
-    study = load(tmp_path / "s.journal", "hgb")
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.PRUNED] * 2
-    assert all(list(t.intermediate_values) == [5] for t in study.trials)
 
 
 def test_deleted_parent_run_gets_a_new_parent(plain, store, tmp_path: Path) -> None:

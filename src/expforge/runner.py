@@ -103,7 +103,7 @@ def run_one(
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
     n_jobs: int | None = None,
-    log_model_artifact: bool | Callable[[dict[str, float]], bool] | None = None,
+    log_model_artifact: bool | None = None,
     log_plot_artifacts: bool | None = None,
     reporter: Reporter | None = None,
     on_start: Callable[[str], None] | None = None,
@@ -112,8 +112,8 @@ def run_one(
     """Train and record one run of the resolved config ``plain``; return it and the model.
 
     The keyword arguments let a search reuse the loaded dataset and the store connection, hang
-    the run under its parent, report intermediate values for pruning (``stop_early`` ends
-    the run FINISHED), and decide from the metrics whether the model is worth logging.
+    the run under its parent, and report intermediate values for pruning (``stop_early``
+    ends the run FINISHED).
     """
     context = context or RunContext()
     settings = TrackingSettings.from_config(plain["tracking"])
@@ -143,14 +143,12 @@ def run_one(
     }
     run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
     want_model = settings.log_model if log_model_artifact is None else log_model_artifact
-    want_plots: bool | None = settings.log_plots and log_plot_artifacts is not False
-    if log_plot_artifacts is None and callable(log_model_artifact):
-        want_plots = None if settings.log_plots else False
+    want_plots = settings.log_plots if log_plot_artifacts is None else log_plot_artifacts
 
     import mlflow
 
     if settings.autolog:
-        _autolog(enable=True, log_models=want_model is not False)
+        _autolog(enable=True, log_models=want_model)
     try:
         with tracked_run(experiment_id, run_name, tags, parent_run_id,
                          stop_early=stop_early) as run:
@@ -167,10 +165,6 @@ def run_one(
             metrics, val_outputs = score(model, dataset)
             metrics["fit_time_s"] = fit_time
             mlflow.log_metrics(metrics)
-            if callable(want_model):
-                want_model = want_model(metrics)
-            if want_plots is None:  # plots follow the model: a search plots what it keeps
-                want_plots = bool(want_model)
             if want_plots:
                 from expforge.plots import model_figures
 

@@ -42,7 +42,6 @@ _RUN_ATTR = "mlflow_run_id"
 _PID_ATTR = "expforge.pid"
 _HOST_ATTR = "expforge.host"
 _SKIPPED_ATTR = "expforge.skipped"
-_INTERRUPTED_ATTR = "expforge.interrupted"
 _PARENT_ATTR = "mlflow_parent_run_id"
 _LOG_MODELS = ("all", "best", "none")
 
@@ -403,7 +402,7 @@ class _Objective:
                 extra_tags=tags,
                 n_jobs=self.threads,
                 log_model_artifact=self.log_each,
-                log_plot_artifacts=None if self.log_each else False,
+                log_plot_artifacts=None if self.log_each else False,  # None: tracking.log_plots
                 reporter=reporter,
                 on_start=started,
                 stop_early=(optuna.TrialPruned,),
@@ -413,10 +412,8 @@ class _Objective:
         except BaseException as exc:
             if run_ids:
                 set_tags(run_ids[0], {"optuna.trial_state": "FAIL"})
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                trial.set_user_attr(_INTERRUPTED_ATTR, True)
-            else:
-                trial.set_user_attr("error", _one_line(exc))
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                trial.set_user_attr("error", _one_line(exc))  # a verdict on the config
             raise
         values = tuple(_metric(result.metrics, o.metric) for o in settings.objectives)
         set_tags(result.run_id, {"optuna.trial_state": "COMPLETE"})
@@ -695,7 +692,6 @@ def _fail_trial(study: Any, trial: Any, tracking_uri: str, status: str) -> None:
     from optuna.trial import TrialState
 
     try:
-        study._storage.set_trial_user_attr(trial._trial_id, _INTERRUPTED_ATTR, True)
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except Exception:
         return  # already finished by someone else
