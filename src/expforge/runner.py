@@ -16,6 +16,8 @@ from expforge.errors import ConfigError, ModelError
 from expforge.metrics import default_objective, direction_of, metric_names, score
 from expforge.models import build_model, param_key
 from expforge.tracking import (
+    RunRecord,
+    RunWriter,
     TrackingSettings,
     connect,
     git_info,
@@ -28,7 +30,8 @@ from expforge.tracking import (
 )
 
 __all__ = [
-    "Objective", "RunContext", "RunResult", "attach_model", "fit", "objective_of", "run_one",
+    "Objective", "RunContext", "RunResult", "attach_model", "fit", "objective_of", "record_of",
+    "run_one",
 ]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
@@ -108,12 +111,16 @@ def run_one(
     reporter: Reporter | None = None,
     on_start: Callable[[str], None] | None = None,
     stop_early: tuple[type[BaseException], ...] = (),
+    writer: RunWriter | None = None,
+    end_tags: Callable[[BaseException | None], Mapping[str, str]] | None = None,
 ) -> tuple[RunResult, Any]:
     """Train and record one run of the resolved config ``plain``; return it and the model.
 
     The keyword arguments let a search reuse the loaded dataset and the store connection, hang
     the run under its parent, and report intermediate values for pruning (``stop_early``
-    ends the run FINISHED).
+    ends the run FINISHED). With a ``writer`` (a search's trials) the run is created and
+    written on the writer's thread while this one fits; ``end_tags(error)`` adds the tags that
+    depend on how the run ended. Models and plots are logged only without a writer.
     """
     context = context or RunContext()
     settings = TrackingSettings.from_config(plain["tracking"])
@@ -145,6 +152,14 @@ def run_one(
     want_model = settings.log_model if log_model_artifact is None else log_model_artifact
     want_plots = settings.log_plots if log_plot_artifacts is None else log_plot_artifacts
 
+    if writer is not None:
+        record = record_of(plain, context, dataset)
+        metrics = _run_deferred(writer, model, dataset, plain["model"], record,
+                                (experiment_id, run_name, tags, parent_run_id, on_start),
+                                reporter, stop_early, end_tags)
+        return RunResult(record.run_id, experiment_id, metrics, objective,
+                         float(metrics[objective.metric])), model
+
     import mlflow
 
     if settings.autolog:
@@ -156,10 +171,8 @@ def run_one(
             if on_start is not None:
                 on_start(run_id)
             log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
-            mlflow.log_text(config_mod.to_yaml(masked), "config.yaml")
-            if context.overrides:
-                overrides = config_mod.mask_overrides(context.overrides)
-                mlflow.log_text(config_mod.to_yaml(overrides), "overrides.yaml")
+            for path, text in _config_texts(masked, context).items():
+                mlflow.log_text(text, path)
             log_datasets(run_id, dataset)
             fit_time = fit(model, dataset, plain["model"], reporter)
             metrics, val_outputs = score(model, dataset)
@@ -184,6 +197,73 @@ def run_one(
     finally:
         if settings.autolog:
             _autolog(enable=False)
+
+
+def record_of(plain: Mapping[str, Any], context: RunContext, dataset: Dataset) -> RunRecord:
+    """A run's record before its work: params, config artifacts and dataset inputs."""
+    masked = config_mod.mask_secrets(plain)
+    return RunRecord("", params=config_mod.param_values(masked, exclude=_UNLOGGED),
+                     texts=_config_texts(masked, context), dataset=dataset)
+
+
+def _config_texts(masked: Mapping[str, Any], context: RunContext) -> dict[str, str]:
+    """The resolved config and the command line's overrides, as artifact texts."""
+    texts = {"config.yaml": config_mod.to_yaml(masked)}
+    if context.overrides:
+        texts["overrides.yaml"] = config_mod.to_yaml(
+            config_mod.mask_overrides(context.overrides))
+    return texts
+
+
+def _run_deferred(
+    writer: RunWriter,
+    model: Any,
+    dataset: Dataset,
+    model_cfg: Mapping[str, Any],
+    record: RunRecord,
+    create: tuple[Any, ...],
+    reporter: Reporter | None,
+    stop_early: tuple[type[BaseException], ...],
+    end_tags: Callable[[BaseException | None], Mapping[str, str]] | None,
+) -> dict[str, float]:
+    """Fit and score while the writer creates the run; hand the finished run to the writer.
+
+    Like ``tracked_run``, every way out ends the run: FINISHED (also ``stop_early``), FAILED
+    with the error tag and traceback, or KILLED; an interrupt waits for the pending writes.
+    """
+    created = writer.create_run(*create)
+    error: BaseException | None = None
+    try:
+        fit_time = fit(model, dataset, model_cfg, reporter)
+        record.metrics, _ = score(model, dataset)
+        record.metrics["fit_time_s"] = fit_time
+        return record.metrics
+    except (KeyboardInterrupt, SystemExit) as exc:
+        error, record.status = exc, "KILLED"
+        raise
+    except stop_early as exc:
+        error = exc
+        raise
+    except BaseException as exc:
+        error, record.status = exc, "FAILED"
+        record.tags["error"] = f"{type(exc).__name__}: {_first_line(exc)}"[:5000]
+        import traceback
+
+        record.texts["error/traceback.txt"] = traceback.format_exc()
+        raise
+    finally:
+        record.run_id = writer.wait(created)
+        if end_tags is not None:
+            record.tags.update(end_tags(error))
+        record.end_time = int(time.time() * 1000)
+        writer.write(record)
+        if record.status == "KILLED":
+            writer.flush()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
 
 
 def _autolog(enable: bool, log_models: bool = True) -> None:

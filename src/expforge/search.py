@@ -16,6 +16,7 @@ or running, so several workers and later resumes never overshoot it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -31,9 +32,23 @@ from expforge import config as config_mod
 from expforge.data import Dataset, load_data
 from expforge.errors import ConfigError, ExpforgeError, SearchError
 from expforge.metrics import direction_of
-from expforge.runner import Objective, RunContext, attach_model, objective_of, run_one
+from expforge.runner import (
+    Objective,
+    RunContext,
+    attach_model,
+    objective_of,
+    record_of,
+    run_one,
+)
 from expforge.space import Param, apply_params, grid_of, parse_space, suggest
-from expforge.tracking import TrackingSettings, connect, set_tags, tracked_run
+from expforge.tracking import (
+    RunWriter,
+    TrackingSettings,
+    connect,
+    set_tags,
+    tracked_run,
+    write_record,
+)
 
 __all__ = ["SearchResult", "SearchSettings", "run_search"]
 
@@ -43,6 +58,7 @@ _PID_ATTR = "expforge.pid"
 _HOST_ATTR = "expforge.host"
 _SKIPPED_ATTR = "expforge.skipped"
 _PARENT_ATTR = "mlflow_parent_run_id"
+_METRICS_ATTR = "expforge.metrics"  # all of a trial's metrics, to rewrite a lost run
 _LOG_MODELS = ("all", "best", "none")
 
 
@@ -282,7 +298,8 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
     try:
         job.experiment_id = connect(job.tracking)
         study = _open_study(settings, job.params, 0, job.tracking)
-        _reap_orphans(study, job.tracking)
+        _reap_orphans(study, job.tracking, job)
+        _repair_runs(study, job)
         parent_id, resumed = _parent_run(job, study)
         job.parent_run_id = parent_id
         with tracked_run(job.experiment_id, run_id=parent_id) as parent:
@@ -312,10 +329,22 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     """Take trials until the study's budget is spent, the timeout passes or too many fail."""
     settings = job.settings
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
-    objective = _Objective(job, study, index)
-    callbacks = [_update_parent(job), _report_failure]
+    writer = RunWriter(job.tracking.uri)
+    objective = _Objective(job, study, index, writer)
+    callbacks = [_update_parent(job, writer), _report_failure]
     if progress is not None:
         callbacks.append(progress.callback)
+    try:
+        _loop(job, study, objective, callbacks, deadline)
+    finally:
+        writer.close()  # every run handed over is written, also on Ctrl-C
+    objective.flush_best()
+    _check_failures(settings, _counts(study), study)
+
+
+def _loop(job: _Job, study: Any, objective: _Objective, callbacks: list[Any],
+          deadline: float) -> None:
+    settings = job.settings
     while time.monotonic() < deadline:
         counts = _counts(study)
         if counts.done >= settings.n_trials:
@@ -324,7 +353,7 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
             # The last slots are running elsewhere. Wait: if their worker dies, heartbeats (RDB)
             # or the dead-process check (this host) fail them and the slot is ours to retry.
             time.sleep(1.0)
-            _recover_stale(study, job.tracking)
+            _recover_stale(study, job)
             continue
         _check_failures(settings, counts, study)
         study.optimize(
@@ -335,22 +364,20 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
             gc_after_trial=False,
             show_progress_bar=False,
         )
-    objective.flush_best()
-    _check_failures(settings, _counts(study), study)
 
 
-def _recover_stale(study: Any, tracking: TrackingSettings) -> None:
+def _recover_stale(study: Any, job: _Job) -> None:
     import optuna
 
     optuna.storages.fail_stale_trials(study)
-    _reap_orphans(study, tracking)
+    _reap_orphans(study, job.tracking, job)
 
 
 class _Objective:
     """One trial = suggest -> a child run via run_one -> the objective value(s)."""
 
-    def __init__(self, job: _Job, study: Any, index: int) -> None:
-        self.job, self.study, self.index = job, study, index
+    def __init__(self, job: _Job, study: Any, index: int, writer: RunWriter) -> None:
+        self.job, self.study, self.index, self.writer = job, study, index, writer
         self.threads = max(1, (os.cpu_count() or 1) // job.settings.n_workers)
         settings = job.settings
         # log_models=best: the worker keeps its best fitted model in memory and logs it once,
@@ -382,15 +409,26 @@ class _Objective:
             "optuna.trial_state": "RUNNING",
             "expforge.role": "trial",
         }
+        # Runs that log a model (log_models=all) are written here; the others by the writer,
+        # while the next trial fits.
+        writer = None if self.log_each else self.writer
         reporter = None
         if not settings.multi_objective and settings.pruner is not None:
             reporter = _TrialReporter(trial, settings.objectives[0].metric,
-                                      settings.report_every)
+                                      settings.report_every, tag_run=writer is None)
         run_ids: list[str] = []
 
-        def started(run_id: str) -> None:
+        def started(run_id: str) -> None:  # on the writer's thread when there is one
             run_ids.append(run_id)
             trial.set_user_attr(_RUN_ATTR, run_id)
+
+        def end_tags(error: BaseException | None) -> dict[str, str]:
+            if error is None:
+                return {"optuna.trial_state": "COMPLETE"}
+            if isinstance(error, optuna.TrialPruned) and reporter is not None:
+                return {"optuna.trial_state": "PRUNED", "pruned": "true",
+                        "pruned_step": str(reporter.pruned_at)}
+            return {"optuna.trial_state": "FAIL"}
 
         try:
             result, model = run_one(
@@ -406,17 +444,21 @@ class _Objective:
                 reporter=reporter,
                 on_start=started,
                 stop_early=(optuna.TrialPruned,),
+                writer=writer,
+                end_tags=end_tags,
             )
         except optuna.TrialPruned:
             raise
         except BaseException as exc:
-            if run_ids:
+            if run_ids and writer is None:
                 set_tags(run_ids[0], {"optuna.trial_state": "FAIL"})
             if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 trial.set_user_attr("error", _one_line(exc))  # a verdict on the config
             raise
         values = tuple(_metric(result.metrics, o.metric) for o in settings.objectives)
-        set_tags(result.run_id, {"optuna.trial_state": "COMPLETE"})
+        if writer is None:
+            set_tags(result.run_id, {"optuna.trial_state": "COMPLETE"})
+        trial.set_user_attr(_METRICS_ATTR, result.metrics)
         if self.defer and self._improves(values[0]):
             self.best = (values[0], result.run_id, model)
         return values if settings.multi_objective else values[0]
@@ -452,8 +494,9 @@ class _BudgetReached(Exception):
 class _TrialReporter:
     """Reports the val objective to Optuna; prunes and tags the child run when told to."""
 
-    def __init__(self, trial: Any, metric: str, every: int) -> None:
-        self.trial, self.metric, self.every = trial, metric, every
+    def __init__(self, trial: Any, metric: str, every: int, tag_run: bool = True) -> None:
+        self.trial, self.metric, self.every, self.tag_run = trial, metric, every, tag_run
+        self.pruned_at: int | None = None
 
     def __call__(self, step: int, value: float) -> None:
         import optuna
@@ -462,7 +505,8 @@ class _TrialReporter:
             return
         self.trial.report(value, step)
         if self.trial.should_prune():
-            run_id = self.trial.user_attrs.get(_RUN_ATTR)
+            self.pruned_at = step
+            run_id = self.trial.user_attrs.get(_RUN_ATTR) if self.tag_run else None
             if run_id:
                 set_tags(run_id, {"pruned": "true", "pruned_step": step,
                                   "optuna.trial_state": "PRUNED"})
@@ -669,15 +713,55 @@ def _pruner(settings: SearchSettings) -> Any:
     return _instantiate("search.pruner", settings.pruner, settings.allowed_targets)
 
 
-def _reap_orphans(study: Any, tracking: TrackingSettings) -> None:
+def _reap_orphans(study: Any, tracking: TrackingSettings, job: _Job | None = None) -> None:
     """RUNNING trials left by dead processes of this host (SIGKILL): FAIL, their runs KILLED."""
     from optuna.trial import TrialState
 
-    host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        pid = t.user_attrs.get(_PID_ATTR)
-        if t.user_attrs.get(_HOST_ATTR) == host and pid and not _alive(int(pid)):
+        if _of_dead_process(t):
             _fail_trial(study, t, tracking.uri, "KILLED")
+            if job is not None and t.user_attrs.get(_RUN_ATTR):  # its params were pending
+                _rewrite_run(job, t, "KILLED")
+
+
+def _of_dead_process(trial: Any) -> bool:
+    pid = trial.user_attrs.get(_PID_ATTR)
+    return bool(trial.user_attrs.get(_HOST_ATTR) == socket.gethostname() and pid
+                and not _alive(int(pid)))
+
+
+def _repair_runs(study: Any, job: _Job) -> None:
+    """Finished trials whose run is still RUNNING: their process was killed while the run
+    waited in its writer. The run is written again from the trial (params, metrics, end)."""
+    import mlflow
+    from optuna.trial import TrialState
+
+    client = mlflow.MlflowClient(job.tracking.uri)
+    running = client.search_runs(
+        [job.experiment_id],
+        f"tags.`optuna.study_name` = '{job.settings.study_name}' and "
+        "tags.`expforge.role` = 'trial' and attributes.status = 'RUNNING'",
+    )
+    if not running:
+        return
+    ids = {r.info.run_id for r in running}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.user_attrs.get(_RUN_ATTR) in ids and _of_dead_process(t):
+            _rewrite_run(job, t, "FINISHED")
+
+
+def _rewrite_run(job: _Job, trial: Any, status: str) -> None:
+    """Write a trial's run from what Optuna kept: the config with its params, its metrics."""
+    import mlflow
+
+    cfg = apply_params(job.plain, trial.params)
+    record = record_of(cfg, RunContext(), job.dataset)
+    record.run_id, record.status = trial.user_attrs[_RUN_ATTR], status
+    record.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
+    state = {"FINISHED": trial.state.name, "KILLED": "FAIL"}[status]
+    record.tags = {"optuna.trial_state": state, "expforge.rewritten": "true"}
+    with contextlib.suppress(Exception):  # the run is gone, or another process wrote it
+        write_record(mlflow.MlflowClient(job.tracking.uri), record)
 
 
 def _fail_trials_of(study: Any, tracking: TrackingSettings, pid: int | None, status: str) -> None:
@@ -786,7 +870,7 @@ def _report_failure(study: Any, trial: Any) -> None:
         print(f"trial {trial.number} failed: {trial.user_attrs['error']}", file=sys.stderr)
 
 
-def _update_parent(job: _Job) -> Callable[[Any, Any], None]:
+def _update_parent(job: _Job, writer: RunWriter) -> Callable[[Any, Any], None]:
     """After each trial: the parent run's best so far (params, value, trial number)."""
     from optuna.trial import TrialState
 
@@ -799,19 +883,18 @@ def _update_parent(job: _Job) -> Callable[[Any, Any], None]:
             return
         if best.number != trial.number:
             return
-        import mlflow
-
-        client = mlflow.MlflowClient(job.tracking.uri)
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)
         metric = job.settings.objectives[0].metric
-        client.log_batch(
+        writer.submit(
+            writer.client.log_batch,
             job.parent_run_id,
-            metrics=[Metric(f"best_{metric}", float(best.value), now, trial.number)],
-            tags=[RunTag("best_trial", str(best.number)),
-                  RunTag("best_run_id", str(best.user_attrs.get(_RUN_ATTR, ""))),
-                  *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())],
+            [Metric(f"best_{metric}", float(best.value), now, trial.number)],
+            [],
+            [RunTag("best_trial", str(best.number)),
+             RunTag("best_run_id", str(best.user_attrs.get(_RUN_ATTR, ""))),
+             *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())],
         )
 
     return callback

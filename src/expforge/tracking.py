@@ -14,9 +14,13 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 import traceback
 import warnings
-from collections.abc import Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -28,6 +32,8 @@ from expforge.config import mask_uri
 from expforge.errors import TrackingError
 
 __all__ = [
+    "RunRecord",
+    "RunWriter",
     "TrackingSettings",
     "connect",
     "git_info",
@@ -223,6 +229,122 @@ def _end(run: Any, status: str) -> None:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]
+
+
+@dataclass
+class RunRecord:
+    """What a run records once its work is done: written by ``RunWriter`` in one go."""
+
+    run_id: str
+    status: str = "FINISHED"
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)  # artifact path -> text
+    dataset: Any = None  # an expforge Dataset: its splits become the run's inputs
+    end_time: int = field(default_factory=lambda: int(time.time() * 1000))
+
+
+class RunWriter:
+    """Writes runs on one background thread, in the order they are handed over.
+
+    A search's trial creates its run through the writer (the trial goes on fitting while the
+    run is inserted) and hands over the finished run as one ``RunRecord``: params, metrics
+    and tags in one ``log_batch``, the config as an artifact, the dataset inputs and the end.
+    The next trial fits meanwhile, so the store's transactions leave the trial's critical
+    path. At most ``max_pending`` writes wait; ``flush`` waits for all of them and raises the
+    first error as a ``TrackingError``. A process killed with writes pending leaves finished
+    trials with RUNNING runs: the next start of the study writes them again from the trials
+    (``search._repair_runs``).
+    """
+
+    def __init__(self, uri: str, max_pending: int = 16) -> None:
+        import mlflow
+        from mlflow.tracking.context.registry import resolve_tags
+
+        self.uri = uri
+        self.client = mlflow.MlflowClient(uri)
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expforge-writer")
+        self._pending: deque[Any] = deque()
+        self._lock = threading.Lock()
+        # The tags mlflow.start_run adds (user, source), resolved once instead of per run.
+        self._context_tags = resolve_tags({})
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the writer thread after everything submitted before it."""
+        with self._lock:
+            while self._pending and (self._pending[0].done()
+                                     or len(self._pending) >= self.max_pending):
+                _result(self._pending.popleft(), self.uri)
+            future = self._pool.submit(fn, *args)
+            self._pending.append(future)
+            return future
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                   parent_run_id: str | None = None,
+                   on_created: Callable[[str], None] | None = None) -> Any:
+        """A future of the new RUNNING run's id; ``on_created(run_id)`` runs on the writer."""
+        start = int(time.time() * 1000)
+        all_tags = {**self._context_tags, **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+
+        def create() -> str:
+            run = self.client.create_run(experiment_id, start_time=start, tags=all_tags,
+                                         run_name=run_name)
+            if on_created is not None:
+                on_created(run.info.run_id)
+            return str(run.info.run_id)
+
+        return self.submit(create)
+
+    def wait(self, future: Any) -> Any:
+        """The result of a submitted write; its error as a ``TrackingError``."""
+        return _result(future, self.uri)
+
+    def write(self, record: RunRecord) -> Any:
+        return self.submit(write_record, self.client, record)
+
+    def flush(self) -> None:
+        with self._lock:
+            while self._pending:
+                _result(self._pending.popleft(), self.uri)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def _result(future: Any, uri: str) -> Any:
+    try:
+        return future.result()
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        first = (str(getattr(exc, "message", exc)).splitlines() or [type(exc).__name__])[0]
+        raise TrackingError(f"tracking.uri={mask_uri(uri)}: writing a run failed: {first}") \
+            from exc
+
+
+def write_record(client: Any, record: RunRecord) -> None:
+    """One finished run's contents: one batch (params, metrics, tags), artifacts, inputs, end."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = record.end_time
+    client.log_batch(
+        record.run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in record.metrics.items()],
+        params=[Param(k, str(v)) for k, v in record.params.items()],
+        tags=[RunTag(k, str(v)) for k, v in record.tags.items()],
+    )
+    for path, text in record.texts.items():
+        client.log_text(record.run_id, text, path)
+    if record.dataset is not None:
+        client.log_inputs(record.run_id, datasets=list(_dataset_entities(record.dataset)))
+    client.set_terminated(record.run_id, record.status, end_time=now)
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
