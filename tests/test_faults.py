@@ -70,3 +70,43 @@ def test_four_processes_write_one_sqlite_store_without_loss(tmp_path: Path) -> N
     runs = c.search_runs([c.get_experiment_by_name("writers").experiment_id], max_results=500)
     assert len(runs) == 100 and {r.info.status for r in runs} == {"FINISHED"}
     assert all(len(r.data.params) == 10 and len(r.data.metrics) == 5 for r in runs)
+
+
+def test_runs_pending_in_a_killed_writer_are_written_again(plain, store, tmp_path: Path) -> None:
+    """A trial is COMPLETE in Optuna but its process died before the writer wrote its run:
+    the next start of the study writes the run from the trial (params, metrics, end)."""
+    import socket
+
+    from expforge.runner import RunContext
+    from expforge.search import run_search
+
+    from .test_search import FAST_RF
+
+    cfg = plain("search=optuna", *FAST_RF, "search.n_trials=2", "search.study_name=repair",
+                f"search.storage={tmp_path}/s.journal", "search.plots=false")
+    run_search(cfg, RunContext())
+    study = load(tmp_path / "s.journal", "repair")
+    c = client(store["uri"])
+    exp_id = c.get_experiment_by_name(cfg["tracking"]["experiment"]).experiment_id
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    # What a SIGKILL between Optuna's tell and the writer leaves: a created, empty run.
+    ghost = c.create_run(exp_id, run_name="repair-trial-2", tags={
+        "mlflow.parentRunId": parent_id, "optuna.study_name": "repair",
+        "optuna.trial_number": "2", "expforge.role": "trial"}).info.run_id
+    dead_pid = subprocess.Popen(["true"])  # its pid is free once it has exited
+    dead_pid.wait()
+    metrics = {"val_rmse": 55.5, "test_rmse": 56.5, "fit_time_s": 0.1}
+    first = study.trials[0]
+    study.add_trial(optuna.trial.create_trial(
+        params=first.params, distributions=first.distributions, value=55.5,
+        user_attrs={"expforge.pid": dead_pid.pid, "expforge.host": socket.gethostname(),
+                    "mlflow_run_id": ghost, "expforge.metrics": metrics}))
+    run_search({**cfg, "search": {**cfg["search"], "n_trials": 3}}, RunContext())
+    run = c.get_run(ghost)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics == metrics
+    assert run.data.params["model.max_depth"] == str(first.params["model.max_depth"])
+    assert run.data.tags["optuna.trial_state"] == "COMPLETE"
+    assert run.data.tags["expforge.rewritten"] == "true"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {"diabetes-train"}
+    assert "config.yaml" in {a.path for a in c.list_artifacts(ghost)}
