@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    from expforge.cli import precheck
+    from expforge.cli import app_help, precheck
 
-    precheck(sys.argv[1:], ROOT, "register")
-    main()
+    if not app_help(sys.argv[1:], ROOT, "register", "register"):
+        precheck(sys.argv[1:], ROOT, "register")
+        main()

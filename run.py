@@ -26,7 +26,8 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from expforge.cli import precheck
+    from expforge.cli import app_help, precheck
 
-    precheck(sys.argv[1:], ROOT, "config")
-    main()
+    if not app_help(sys.argv[1:], ROOT, "config", "run"):
+        precheck(sys.argv[1:], ROOT, "config")
+        main()

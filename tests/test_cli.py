@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from .conftest import client, run_cli
+from .conftest import ROOT, client, run_cli
 
 
 def store_args(tmp_path: Path) -> list[str]:
@@ -50,6 +52,17 @@ def test_two_model_multirun_gives_one_run_per_job(tmp_path: Path) -> None:
 def test_help_and_cfg_job_behave_as_in_hydra(tmp_path: Path) -> None:
     done = run_cli("--help")
     assert done.returncode == 0 and "model: hgb, linear, rf, xgb" in done.stdout
+    # The fast --help prints exactly what Hydra's own --help prints, overrides applied.
+    (tmp_path / "conf").symlink_to(ROOT / "conf")
+    for script, args in (("run", ["model=xgb", "--help"]), ("register", ["--help"])):
+        ours = run_cli(*args, script=f"{script}.py")
+        source = (ROOT / f"{script}.py").read_text()
+        plain_hydra = source[:source.index('if __name__ == "__main__":')] + "main()\n"
+        (tmp_path / f"{script}.py").write_text(plain_hydra)  # the same app, Hydra's --help
+        hydra = subprocess.run([sys.executable, f"{script}.py", *args], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert ours.returncode == hydra.returncode == 0, hydra.stderr
+        assert ours.stdout == hydra.stdout
     done = run_cli("--cfg", "job", "model=xgb", "model.max_depth=3")
     assert done.returncode == 0 and "max_depth: 3" in done.stdout
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from expforge.errors import ExpforgeError
 from expforge.sweep import ENV_PARENT
 
-__all__ = ["guarded", "hydra_context", "precheck", "register_job", "run_job"]
+__all__ = ["app_help", "guarded", "hydra_context", "precheck", "register_job", "run_job"]
 
 T = TypeVar("T")
 
@@ -217,3 +217,38 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
             print(f"error: {text} names {o.key_or_group}, which is not a config key; {hint}"
                   f"(to add a new key on purpose: +{text})", file=sys.stderr)
             sys.exit(1)
+
+
+_HELP_FLAGS = ("--help", "-h")
+
+
+def app_help(argv: list[str], root: Path, config_name: str, app_name: str) -> bool:
+    """``--help``, printed as Hydra prints it, without Hydra's start-up.
+
+    Hydra builds the list of config groups by re-reading the primary config and creating
+    an override parser for every group it asks about (its own and the launchers' included:
+    84 here), 1.3 of its 1.6 s. Our groups are the folders under ``conf/``. Returns False
+    when ``argv`` does not ask for the app's help (``--hydra-help`` is Hydra's).
+    """
+    if not any(a in _HELP_FLAGS for a in argv):
+        return False
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = root / "conf"
+    overrides = [a for a in argv if not a.startswith("-")]
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides)
+    groups = []
+    for folder in sorted(p for p in conf.iterdir() if p.is_dir()):
+        options = sorted(f.stem for f in folder.iterdir() if f.suffix in (".yaml", ".yml"))
+        if options:
+            groups.append(f"{folder.name}: {', '.join(options)}")
+    print(f"{app_name} is powered by Hydra.\n\n== Configuration groups ==\n"
+          "Compose your configuration from those groups (group=option)\n\n"
+          + "\n".join(groups) + "\n\n\n== Config ==\n"
+          "Override anything in the config (foo.bar=value)\n\n"
+          + OmegaConf.to_yaml(cfg, resolve="--resolve" in argv)
+          + "\n\nPowered by Hydra (https://hydra.cc)\n"
+          "Use --hydra-help to view Hydra specific help\n\n")
+    return True

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
-__all__ = ["model_figures"]
+__all__ = ["log_study_plots", "model_figures"]
 
 
 def model_figures(model: Any, dataset: Any, val_outputs: dict[str, Any]) -> dict[str, Any]:
@@ -109,3 +110,54 @@ def _roc(y: np.ndarray, proba: np.ndarray, classes: tuple[str, ...]) -> Any:
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (val)")
     ax.legend(loc="lower right", fontsize=8)
     return fig
+
+
+def log_study_plots(client: Any, storage: str, study_name: str, run_id: str, target_name: str,
+                    multi_objective: bool, study: Any = None) -> None:
+    """Optuna's history, importance, slice and parallel-coordinate plots onto ``run_id``.
+
+    ``study`` defaults to loading ``study_name`` from ``storage`` (a journal file or a URL),
+    so that a writer process can draw them from the stored trials alone.
+    """
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as vis
+
+    if study is None:
+        if "://" in storage:
+            opened: Any = storage
+        else:
+            from optuna.storages.journal import JournalFileBackend
+
+            opened = optuna.storages.JournalStorage(JournalFileBackend(storage))
+        study = optuna.load_study(study_name=study_name, storage=opened)
+    target = (lambda t: t.values[0]) if multi_objective else None
+    # fANOVA as Optuna's default, with 16 trees of depth 16 instead of 64 of 64: 0.07 s
+    # instead of 1.6 s for a small study, and the same ranking of the parameters that matter.
+    evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
+    plots = {
+        "plots/optimization_history.png": vis.plot_optimization_history,
+        "plots/param_importances.png": functools.partial(vis.plot_param_importances,
+                                                         evaluator=evaluator),
+        "plots/slice.png": vis.plot_slice,
+        "plots/parallel_coordinate.png": vis.plot_parallel_coordinate,
+    }
+    for path, draw in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = draw(study, target=target, target_name=target_name)
+            except Exception:
+                continue  # e.g. importances need two params that vary
+        fig = getattr(axes, "figure", None)
+        if fig is None and hasattr(axes, "flat"):
+            fig = axes.flat[0].figure
+        if fig is not None:
+            fig.set_size_inches(8, 5)
+            client.log_figure(run_id, fig, path)
+            plt.close(fig)

@@ -20,6 +20,7 @@ from expforge.tracking import (
     RunWriter,
     TrackingSettings,
     connect,
+    dataset_inputs,
     git_info,
     log_datasets,
     log_figures,
@@ -203,7 +204,7 @@ def record_of(plain: Mapping[str, Any], context: RunContext, dataset: Dataset) -
     """A run's record before its work: params, config artifacts and dataset inputs."""
     masked = config_mod.mask_secrets(plain)
     return RunRecord("", params=config_mod.param_values(masked, exclude=_UNLOGGED),
-                     texts=_config_texts(masked, context), dataset=dataset)
+                     texts=_config_texts(masked, context), inputs=dataset_inputs(dataset))
 
 
 def _config_texts(masked: Mapping[str, Any], context: RunContext) -> dict[str, str]:

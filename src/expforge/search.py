@@ -42,6 +42,7 @@ from expforge.runner import (
 )
 from expforge.space import Param, apply_params, grid_of, parse_space, suggest
 from expforge.tracking import (
+    ProcessRunWriter,
     RunWriter,
     TrackingSettings,
     connect,
@@ -201,18 +202,43 @@ def run_search(
     """
     context = context or RunContext()
     root = Path(plain["paths"]["root"])
-    dataset = load_data(plain["data"], int(plain["seed"]), root)
-    settings = settings_of(plain, dataset.task)
-    params = parse_space(plain.get("search_space"), plain)
-    _sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
-    _pruner(settings)
     tracking = TrackingSettings.from_config(plain["tracking"])
+    # Started first: it loads MLflow and opens the store while this process loads the data.
+    writer = _writer_process(plain, tracking)
+    try:
+        dataset = load_data(plain["data"], int(plain["seed"]), root)
+        settings = settings_of(plain, dataset.task)
+        params = parse_space(plain.get("search_space"), plain)
+        _sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
+        _pruner(settings)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     job = _Job(plain, context, dataset, settings, params, tracking,
-               sweep_parent_run_id=sweep_parent_run_id)
-    if settings.n_workers == 1:
-        return _coordinate(job, [])
-    workers = _fork_workers(job)
-    return _coordinate(job, workers)
+               sweep_parent_run_id=sweep_parent_run_id, writer=writer)
+    try:
+        if settings.n_workers == 1:
+            return _coordinate(job, [])
+        workers = _fork_workers(job)
+        return _coordinate(job, workers)
+    finally:
+        if job.writer is not None:
+            job.writer.close()
+
+
+def _writer_process(plain: Mapping[str, Any], tracking: TrackingSettings) -> RunWriter | None:
+    """One worker and a spare core: the runs are written by a process of their own.
+
+    It must be forked before this process loads MLflow; otherwise (inside a multirun) and
+    with parallel workers, which use the cores themselves, each worker writes from a thread.
+    """
+    import sys
+
+    if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2 \
+            or "mlflow" in sys.modules:
+        return None
+    return ProcessRunWriter(tracking.uri)
 
 
 @dataclass
@@ -228,6 +254,7 @@ class _Job:
     parent_run_id: str = ""
     experiment_id: str = ""
     sweep_parent_run_id: str | None = None
+    writer: RunWriter | None = None  # a writer process (see _writer_process)
 
 
 @dataclass
@@ -280,7 +307,7 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     try:
         connect(job.tracking)
         study = _open_study(job.settings, job.params, index, job.tracking)
-        _optimize(job, study, index, progress=None)
+        _optimize(job, study, index, progress=None).flush_best()
     except ExpforgeError as exc:
         print(f"error: worker {index}: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -299,7 +326,6 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
         job.experiment_id = connect(job.tracking)
         study = _open_study(settings, job.params, 0, job.tracking)
         _reap_orphans(study, job.tracking, job)
-        _repair_runs(study, job)
         parent_id, resumed = _parent_run(job, study)
         job.parent_run_id = parent_id
         with tracked_run(job.experiment_id, run_id=parent_id) as parent:
@@ -309,11 +335,12 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
                 w.channel.send((parent_id, job.experiment_id))
             released = True
             with _Progress(settings, study) as progress:
+                objective = None
                 if workers:
                     _watch(job, study, workers, progress)
                 else:
-                    _optimize(job, study, 0, progress)
-            best = _finish(job, study, parent.info.run_id)
+                    objective = _optimize(job, study, 0, progress)
+            best = _finish(job, study, parent.info.run_id, objective)
     finally:
         if not released:  # a waiting worker must hear that there is nothing to do
             for w in workers:
@@ -325,21 +352,26 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
 # -- the optimisation loop -----------------------------------------------------------------
 
 
-def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> None:
-    """Take trials until the study's budget is spent, the timeout passes or too many fail."""
+def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> _Objective:
+    """Take trials until the study's budget is spent, the timeout passes or too many fail.
+
+    Returns the objective, which holds the worker's best model (``flush_best``)."""
     settings = job.settings
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
-    writer = RunWriter(job.tracking.uri)
+    writer = job.writer or RunWriter(job.tracking.uri)
     objective = _Objective(job, study, index, writer)
     callbacks = [_update_parent(job, writer), _report_failure]
     if progress is not None:
         callbacks.append(progress.callback)
     try:
         _loop(job, study, objective, callbacks, deadline)
-    finally:
-        writer.close()  # every run handed over is written, also on Ctrl-C
-    objective.flush_best()
+    finally:  # every run handed over is written, also on Ctrl-C
+        if writer is job.writer:
+            writer.flush()  # run_search closes its writer process
+        else:
+            writer.close()
     _check_failures(settings, _counts(study), study)
+    return objective
 
 
 def _loop(job: _Job, study: Any, objective: _Objective, callbacks: list[Any],
@@ -718,10 +750,15 @@ def _reap_orphans(study: Any, tracking: TrackingSettings, job: _Job | None = Non
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if _of_dead_process(t):
+        if not _of_dead_process(t):
+            continue
+        if job is None:
             _fail_trial(study, t, tracking.uri, "KILLED")
-            if job is not None and t.user_attrs.get(_RUN_ATTR):  # its params were pending
-                _rewrite_run(job, t, "KILLED")
+        else:  # _repair_runs ends the run with its params
+            with contextlib.suppress(Exception):  # already finished by someone else
+                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    if job is not None:
+        _repair_runs(study, job)
 
 
 def _of_dead_process(trial: Any) -> bool:
@@ -731,8 +768,9 @@ def _of_dead_process(trial: Any) -> bool:
 
 
 def _repair_runs(study: Any, job: _Job) -> None:
-    """Finished trials whose run is still RUNNING: their process was killed while the run
-    waited in its writer. The run is written again from the trial (params, metrics, end)."""
+    """Runs that a killed process left unwritten: its trials are over, their runs RUNNING
+    and without contents. Each is written again from its trial (config and params, the
+    metrics Optuna kept) and ended FINISHED, or KILLED for a trial that did not finish."""
     import mlflow
     from optuna.trial import TrialState
 
@@ -742,24 +780,28 @@ def _repair_runs(study: Any, job: _Job) -> None:
         f"tags.`optuna.study_name` = '{job.settings.study_name}' and "
         "tags.`expforge.role` = 'trial' and attributes.status = 'RUNNING'",
     )
-    if not running:
+    by_number = {r.data.tags.get("optuna.trial_number"): r.info.run_id for r in running}
+    if not by_number:
         return
-    ids = {r.info.run_id for r in running}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.user_attrs.get(_RUN_ATTR) in ids and _of_dead_process(t):
-            _rewrite_run(job, t, "FINISHED")
+    for t in study.get_trials(deepcopy=False):
+        run_id = by_number.get(str(t.number))
+        if run_id is None or t.state == TrialState.RUNNING or not _of_dead_process(t):
+            continue
+        _rewrite_run(job, t, run_id)
 
 
-def _rewrite_run(job: _Job, trial: Any, status: str) -> None:
-    """Write a trial's run from what Optuna kept: the config with its params, its metrics."""
+def _rewrite_run(job: _Job, trial: Any, run_id: str) -> None:
     import mlflow
+    from optuna.trial import TrialState
 
     cfg = apply_params(job.plain, trial.params)
     record = record_of(cfg, RunContext(), job.dataset)
-    record.run_id, record.status = trial.user_attrs[_RUN_ATTR], status
+    record.run_id = run_id
+    finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    record.status = "FINISHED" if finished else "KILLED"
     record.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
-    state = {"FINISHED": trial.state.name, "KILLED": "FAIL"}[status]
-    record.tags = {"optuna.trial_state": state, "expforge.rewritten": "true"}
+    record.tags = {"optuna.trial_state": trial.state.name if finished else "FAIL",
+                   "expforge.rewritten": "true"}
     with contextlib.suppress(Exception):  # the run is gone, or another process wrote it
         write_record(mlflow.MlflowClient(job.tracking.uri), record)
 
@@ -887,11 +929,9 @@ def _update_parent(job: _Job, writer: RunWriter) -> Callable[[Any, Any], None]:
 
         now = int(time.time() * 1000)
         metric = job.settings.objectives[0].metric
-        writer.submit(
-            writer.client.log_batch,
+        writer.log_batch(
             job.parent_run_id,
             [Metric(f"best_{metric}", float(best.value), now, trial.number)],
-            [],
             [RunTag("best_trial", str(best.number)),
              RunTag("best_run_id", str(best.user_attrs.get(_RUN_ATTR, ""))),
              *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())],
@@ -900,19 +940,31 @@ def _update_parent(job: _Job, writer: RunWriter) -> Callable[[Any, Any], None]:
     return callback
 
 
-def _finish(job: _Job, study: Any, parent_id: str) -> float | None:
-    """Top trials, Optuna's plots and the final counts on the parent; a table on screen."""
+def _finish(job: _Job, study: Any, parent_id: str, objective: _Objective | None) -> float | None:
+    """The best model, top trials, Optuna's plots and the final counts on the parent; a table
+    on screen. A writer process draws the plots meanwhile."""
     import mlflow
+
+    from expforge.plots import log_study_plots
 
     settings = job.settings
     counts = _counts(study)
+    plots = settings.plots and counts.complete >= 2
+    metric = settings.objectives[0].metric
+    plot_args = (settings.storage, settings.study_name, parent_id, metric,
+                 settings.multi_objective)
+    if plots and isinstance(job.writer, ProcessRunWriter):
+        job.writer.study_plots(*plot_args)
+        plots = False
+    if objective is not None:
+        objective.flush_best()
     mlflow.log_metrics({"n_complete": counts.complete, "n_pruned": counts.pruned,
                         "n_failed": counts.failed})
     table = _top_trials(study, settings)
     if table is not None:
         mlflow.log_text(table.to_csv(index=False), "top_trials.csv")
-    if settings.plots and counts.complete >= 2:
-        _log_study_plots(study, settings)
+    if plots:
+        log_study_plots(mlflow.MlflowClient(job.tracking.uri), *plot_args, study=study)
     _print_report(study, settings, counts, table, parent_id)
     if settings.multi_objective or counts.complete == 0:
         return None
@@ -938,43 +990,6 @@ def _top_trials(study: Any, settings: SearchSettings) -> Any:
     first = settings.objectives[0]
     frame = frame.sort_values(first.metric, ascending=first.direction == "minimize")
     return frame.head(settings.top_k).reset_index(drop=True)
-
-
-def _log_study_plots(study: Any, settings: SearchSettings) -> None:
-    import warnings
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import mlflow
-    from optuna.visualization import matplotlib as vis
-
-    target = None if not settings.multi_objective else (lambda t: t.values[0])
-    name = settings.objectives[0].metric
-    plots = {
-        "plots/optimization_history.png": lambda: vis.plot_optimization_history(
-            study, target=target, target_name=name),
-        "plots/param_importances.png": lambda: vis.plot_param_importances(
-            study, target=target, target_name=name),
-        "plots/slice.png": lambda: vis.plot_slice(study, target=target, target_name=name),
-        "plots/parallel_coordinate.png": lambda: vis.plot_parallel_coordinate(
-            study, target=target, target_name=name),
-    }
-    for path, draw in plots.items():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                axes = draw()
-            except Exception:
-                continue  # e.g. importances need two params that vary
-        fig = getattr(axes, "figure", None)
-        if fig is None and hasattr(axes, "flat"):
-            fig = axes.flat[0].figure
-        if fig is not None:
-            fig.set_size_inches(8, 5)
-            mlflow.log_figure(fig, path)
-            plt.close(fig)
 
 
 def _print_report(study: Any, settings: SearchSettings, counts: _Counts, table: Any,

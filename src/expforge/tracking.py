@@ -7,6 +7,7 @@ left RUNNING; the ``log_*`` helpers batch what a run records.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -32,10 +33,12 @@ from expforge.config import mask_uri
 from expforge.errors import TrackingError
 
 __all__ = [
+    "ProcessRunWriter",
     "RunRecord",
     "RunWriter",
     "TrackingSettings",
     "connect",
+    "dataset_inputs",
     "git_info",
     "log_datasets",
     "log_figures",
@@ -233,7 +236,7 @@ def _one_line(exc: BaseException) -> str:
 
 @dataclass
 class RunRecord:
-    """What a run records once its work is done: written by ``RunWriter`` in one go."""
+    """What a run records once its work is done: written by a run writer in one go."""
 
     run_id: str
     status: str = "FINISHED"
@@ -241,92 +244,8 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)  # artifact path -> text
-    dataset: Any = None  # an expforge Dataset: its splits become the run's inputs
+    inputs: tuple[Any, ...] = ()  # MLflow DatasetInput entities (see dataset_inputs)
     end_time: int = field(default_factory=lambda: int(time.time() * 1000))
-
-
-class RunWriter:
-    """Writes runs on one background thread, in the order they are handed over.
-
-    A search's trial creates its run through the writer (the trial goes on fitting while the
-    run is inserted) and hands over the finished run as one ``RunRecord``: params, metrics
-    and tags in one ``log_batch``, the config as an artifact, the dataset inputs and the end.
-    The next trial fits meanwhile, so the store's transactions leave the trial's critical
-    path. At most ``max_pending`` writes wait; ``flush`` waits for all of them and raises the
-    first error as a ``TrackingError``. A process killed with writes pending leaves finished
-    trials with RUNNING runs: the next start of the study writes them again from the trials
-    (``search._repair_runs``).
-    """
-
-    def __init__(self, uri: str, max_pending: int = 16) -> None:
-        import mlflow
-        from mlflow.tracking.context.registry import resolve_tags
-
-        self.uri = uri
-        self.client = mlflow.MlflowClient(uri)
-        self.max_pending = max_pending
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expforge-writer")
-        self._pending: deque[Any] = deque()
-        self._lock = threading.Lock()
-        # The tags mlflow.start_run adds (user, source), resolved once instead of per run.
-        self._context_tags = resolve_tags({})
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the writer thread after everything submitted before it."""
-        with self._lock:
-            while self._pending and (self._pending[0].done()
-                                     or len(self._pending) >= self.max_pending):
-                _result(self._pending.popleft(), self.uri)
-            future = self._pool.submit(fn, *args)
-            self._pending.append(future)
-            return future
-
-    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
-                   parent_run_id: str | None = None,
-                   on_created: Callable[[str], None] | None = None) -> Any:
-        """A future of the new RUNNING run's id; ``on_created(run_id)`` runs on the writer."""
-        start = int(time.time() * 1000)
-        all_tags = {**self._context_tags, **tags}
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-
-        def create() -> str:
-            run = self.client.create_run(experiment_id, start_time=start, tags=all_tags,
-                                         run_name=run_name)
-            if on_created is not None:
-                on_created(run.info.run_id)
-            return str(run.info.run_id)
-
-        return self.submit(create)
-
-    def wait(self, future: Any) -> Any:
-        """The result of a submitted write; its error as a ``TrackingError``."""
-        return _result(future, self.uri)
-
-    def write(self, record: RunRecord) -> Any:
-        return self.submit(write_record, self.client, record)
-
-    def flush(self) -> None:
-        with self._lock:
-            while self._pending:
-                _result(self._pending.popleft(), self.uri)
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._pool.shutdown(wait=True)
-
-
-def _result(future: Any, uri: str) -> Any:
-    try:
-        return future.result()
-    except Exception as exc:
-        if isinstance(exc, TrackingError):
-            raise
-        first = (str(getattr(exc, "message", exc)).splitlines() or [type(exc).__name__])[0]
-        raise TrackingError(f"tracking.uri={mask_uri(uri)}: writing a run failed: {first}") \
-            from exc
 
 
 def write_record(client: Any, record: RunRecord) -> None:
@@ -342,9 +261,261 @@ def write_record(client: Any, record: RunRecord) -> None:
     )
     for path, text in record.texts.items():
         client.log_text(record.run_id, text, path)
-    if record.dataset is not None:
-        client.log_inputs(record.run_id, datasets=list(_dataset_entities(record.dataset)))
+    if record.inputs:
+        client.log_inputs(record.run_id, datasets=list(record.inputs))
     client.set_terminated(record.run_id, record.status, end_time=now)
+
+
+class RunWriter:
+    """Writes a search's runs off the trial's critical path, in the order handed over.
+
+    A trial creates its run (``create_run``), fits, and hands the finished run over as one
+    ``RunRecord``: params, metrics and tags in one ``log_batch``, the config artifact, the
+    dataset inputs and the end. This base class writes on a background thread, which takes
+    the store's transactions off the trial but shares the GIL with the fit;
+    ``ProcessRunWriter`` writes from a process of its own when a core is free for it.
+    ``flush`` waits for every pending write and raises the first error as a
+    ``TrackingError``. A process killed with writes pending leaves finished trials with
+    RUNNING runs; the next start of the study writes them again from the trials
+    (``search._repair_runs``).
+    """
+
+    def __init__(self, uri: str, max_pending: int = 16) -> None:
+        import mlflow
+
+        self.uri = uri
+        self.client = mlflow.MlflowClient(uri)
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expforge-writer")
+        self._pending: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._context_tags = _context_tags()
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                   parent_run_id: str | None = None,
+                   on_created: Callable[[str], None] | None = None) -> Any:
+        """A future of the new RUNNING run's id; ``on_created(run_id)`` runs on the writer."""
+        return self._submit(self._create, experiment_id, run_name, tags, parent_run_id,
+                            on_created, int(time.time() * 1000))
+
+    def wait(self, future: Any) -> Any:
+        """The result of a submitted write; its error as a ``TrackingError``."""
+        return _result(future, self.uri)
+
+    def write(self, record: RunRecord) -> None:
+        self._submit(write_record, self.client, record)
+
+    def log_batch(self, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
+        self._submit(self.client.log_batch, run_id, metrics, [], tags)
+
+    def flush(self) -> None:
+        with self._lock:
+            while self._pending:
+                _result(self._pending.popleft(), self.uri)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _create(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                parent_run_id: str | None, on_created: Callable[[str], None] | None,
+                start: int) -> str:
+        all_tags = {**self._context_tags, **tags}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, start_time=start, tags=all_tags,
+                                     run_name=run_name)
+        if on_created is not None:
+            on_created(run.info.run_id)
+        return str(run.info.run_id)
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            while self._pending and (self._pending[0].done()
+                                     or len(self._pending) >= self.max_pending):
+                _result(self._pending.popleft(), self.uri)
+            future = self._pool.submit(fn, *args)
+            self._pending.append(future)
+            return future
+
+
+class ProcessRunWriter(RunWriter):
+    """A writer process: the store's work runs on another core, in parallel with the fits.
+
+    Start it before this process imports MLflow (it is forked, and no database connection
+    may cross a fork). Requests go through a pipe, whose buffer bounds what can be pending;
+    replies (a created run's id, the end of a flush) come back in order through another.
+    The writer ignores Ctrl-C (the process group's SIGINT: the parent decides) and ends when
+    told to, or once the parent is gone and what it sent is written.
+    """
+
+    def __init__(self, uri: str) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        receive, self._requests = ctx.Pipe(duplex=False)
+        self._replies, send = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=_writer_main, args=(uri, receive, send, os.getpid()),
+                                    name="expforge-writer", daemon=False)
+        self._process.start()
+        receive.close()
+        send.close()
+        self.uri = uri
+        self._awaiting: deque[tuple[Any, Callable[[str], None] | None]] = deque()
+        self._closed = False
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                   parent_run_id: str | None = None,
+                   on_created: Callable[[str], None] | None = None) -> Any:
+        """A future of the run's id; ``on_created(run_id)`` runs here, in ``wait``."""
+        from concurrent.futures import Future
+
+        future: Future[str] = Future()
+        self._send(("create", (experiment_id, run_name, dict(tags), parent_run_id,
+                               int(time.time() * 1000))))
+        self._awaiting.append((future, on_created))
+        return future
+
+    def wait(self, future: Any) -> Any:
+        while not future.done():
+            self._pump()
+        return _result(future, self.uri)
+
+    def write(self, record: RunRecord) -> None:
+        self._send(("record", record))
+
+    def log_batch(self, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
+        self._send(("batch", (run_id, metrics, [], tags)))
+
+    def study_plots(self, storage: str, study_name: str, run_id: str, target_name: str,
+                    multi_objective: bool) -> None:
+        """Draw the study's plots onto ``run_id`` in the writer, while this process goes on."""
+        self._send(("plots", (storage, study_name, run_id, target_name, multi_objective)))
+
+    def flush(self) -> None:
+        self._send(("flush", None))
+        self._drain("flushed")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._send(None)
+            self._drain("closed")
+        finally:
+            self._requests.close()
+            self._process.join(timeout=60)
+
+    def _send(self, message: Any) -> None:
+        if not self._process.is_alive():
+            raise self._ended()
+        self._requests.send(message)
+
+    def _drain(self, last: str) -> None:
+        while True:
+            kind = self._pump()
+            if kind == last:
+                return
+
+    def _pump(self) -> str:
+        """Receive one reply: a created run's id, or the end of a flush or of the writer."""
+        while not self._replies.poll(1.0):
+            if not self._process.is_alive() and not self._replies.poll(0):
+                raise self._ended()
+        kind, value, error = self._replies.recv()
+        if kind == "created":
+            future, on_created = self._awaiting.popleft()
+            if error:
+                future.set_exception(TrackingError(
+                    f"tracking.uri={mask_uri(self.uri)}: creating a run failed: {error}"))
+            else:
+                future.set_result(value)
+                if on_created is not None:
+                    on_created(value)
+        elif error:
+            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: writing a run failed: "
+                                f"{error}")
+        return str(kind)
+
+    def _ended(self) -> TrackingError:
+        return TrackingError(f"tracking.uri={mask_uri(self.uri)}: the run writer process "
+                             f"ended (exit code {self._process.exitcode})")
+
+
+def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
+    """The writer process: write what arrives until told to stop or the parent is gone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    context = _context_tags()
+    with contextlib.suppress(Exception):  # open the store now, not at the first trial
+        client.search_experiments(max_results=1)
+    error = ""
+    while True:
+        if not requests.poll(1.0):
+            if os.getppid() != parent:
+                break  # the parent was killed: everything it sent has been written
+            continue
+        try:
+            message = requests.recv()
+        except EOFError:
+            break
+        if message is None:
+            break
+        kind, payload = message
+        if kind == "create":
+            experiment_id, run_name, tags, parent_run_id, start = payload
+            tags = {**context, **tags}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            try:
+                run = client.create_run(experiment_id, start_time=start, tags=tags,
+                                        run_name=run_name)
+                replies.send(("created", run.info.run_id, ""))
+            except Exception as exc:
+                replies.send(("created", None, _one_line(exc)))
+            continue
+        if kind == "flush":
+            replies.send(("flushed", None, error))
+            error = ""
+            continue
+        try:
+            if kind == "record":
+                write_record(client, payload)
+            elif kind == "plots":
+                from expforge.plots import log_study_plots
+
+                log_study_plots(client, *payload)
+            else:
+                client.log_batch(*payload)
+        except Exception as exc:
+            error = error or _one_line(exc)
+    with contextlib.suppress(OSError):
+        replies.send(("closed", None, error))
+
+
+def _context_tags() -> dict[str, str]:
+    """The tags mlflow.start_run adds (user, source, git), resolved once per writer."""
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return dict(resolve_tags({}))
+
+
+def _result(future: Any, uri: str) -> Any:
+    try:
+        return future.result()
+    except Exception as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        first = (str(getattr(exc, "message", exc)).splitlines() or [type(exc).__name__])[0]
+        raise TrackingError(f"tracking.uri={mask_uri(uri)}: writing a run failed: {first}") \
+            from exc
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
@@ -370,6 +541,11 @@ def log_figures(figures: Mapping[str, Any]) -> None:
 
 
 _DATASET_ENTITIES: dict[tuple[str, str, str], tuple[Any, ...]] = {}
+
+
+def dataset_inputs(dataset: Any) -> tuple[Any, ...]:
+    """MLflow dataset inputs (train/val/test with digest, source, schema) of a dataset."""
+    return _dataset_entities(dataset)
 
 
 def _dataset_entities(dataset: Any) -> tuple[Any, ...]:
