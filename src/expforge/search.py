@@ -324,6 +324,8 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
     released = False
     try:
         job.experiment_id = connect(job.tracking)
+        if isinstance(job.writer, ProcessRunWriter):
+            job.writer.open_store()
         study = _open_study(settings, job.params, 0, job.tracking)
         _reap_orphans(study, job.tracking, job)
         parent_id, resumed = _parent_run(job, study)

@@ -389,6 +389,12 @@ class ProcessRunWriter(RunWriter):
     def log_batch(self, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
         self._send(("batch", (run_id, metrics, [], tags)))
 
+    def open_store(self) -> None:
+        """Call once the store exists (``connect``): the writer opens its connection now,
+        not at the first trial. Opening a new store in two processes at once would run its
+        schema migrations twice."""
+        self._send(("open", None))
+
     def study_plots(self, storage: str, study_name: str, run_id: str, target_name: str,
                     multi_objective: bool) -> None:
         """Draw the study's plots onto ``run_id`` in the writer, while this process goes on."""
@@ -452,10 +458,8 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import mlflow
 
-    client = mlflow.MlflowClient(uri)
+    client: Any = None  # created on "open": a new store must be created by the parent alone
     context = _context_tags()
-    with contextlib.suppress(Exception):  # open the store now, not at the first trial
-        client.search_experiments(max_results=1)
     error = ""
     while True:
         if not requests.poll(1.0):
@@ -469,6 +473,8 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
         if message is None:
             break
         kind, payload = message
+        if client is None:
+            client = mlflow.MlflowClient(uri)
         if kind == "create":
             experiment_id, run_name, tags, parent_run_id, start = payload
             tags = {**context, **tags}
@@ -480,6 +486,10 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
                 replies.send(("created", run.info.run_id, ""))
             except Exception as exc:
                 replies.send(("created", None, _one_line(exc)))
+            continue
+        if kind == "open":  # the parent has created the store: open it before the trials
+            with contextlib.suppress(Exception):
+                client.search_experiments(max_results=1)
             continue
         if kind == "flush":
             replies.send(("flushed", None, error))
