@@ -262,7 +262,13 @@ def write_record(client: Any, record: RunRecord) -> None:
     for path, text in record.texts.items():
         client.log_text(record.run_id, text, path)
     if record.inputs:
-        client.log_inputs(record.run_id, datasets=list(record.inputs))
+        try:
+            client.log_inputs(record.run_id, datasets=list(record.inputs))
+        except Exception:
+            # Writers of several processes may create the same dataset entity at once; the
+            # loser's insert fails (MLflow's get-or-create is not atomic), and now it exists.
+            time.sleep(0.5)
+            client.log_inputs(record.run_id, datasets=list(record.inputs))
     client.set_terminated(record.run_id, record.status, end_time=now)
 
 
@@ -353,6 +359,7 @@ class ProcessRunWriter(RunWriter):
 
     def __init__(self, uri: str) -> None:
         import multiprocessing
+        import queue
 
         ctx = multiprocessing.get_context("fork")
         receive, self._requests = ctx.Pipe(duplex=False)
@@ -364,23 +371,26 @@ class ProcessRunWriter(RunWriter):
         send.close()
         self.uri = uri
         self._awaiting: deque[tuple[Any, Callable[[str], None] | None]] = deque()
+        self._ends: queue.Queue[tuple[str, str]] = queue.Queue()
         self._closed = False
+        # Replies are received as they come, so a trial is linked to its run (on_created)
+        # as soon as the run exists, also while the trial is still fitting.
+        threading.Thread(target=self._receive, name="expforge-writer-replies",
+                         daemon=True).start()
 
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
                    parent_run_id: str | None = None,
                    on_created: Callable[[str], None] | None = None) -> Any:
-        """A future of the run's id; ``on_created(run_id)`` runs here, in ``wait``."""
+        """A future of the run's id; ``on_created(run_id)`` runs before it is set."""
         from concurrent.futures import Future
 
         future: Future[str] = Future()
+        self._awaiting.append((future, on_created))
         self._send(("create", (experiment_id, run_name, dict(tags), parent_run_id,
                                int(time.time() * 1000))))
-        self._awaiting.append((future, on_created))
         return future
 
     def wait(self, future: Any) -> Any:
-        while not future.done():
-            self._pump()
         return _result(future, self.uri)
 
     def write(self, record: RunRecord) -> None:
@@ -402,7 +412,7 @@ class ProcessRunWriter(RunWriter):
 
     def flush(self) -> None:
         self._send(("flush", None))
-        self._drain("flushed")
+        self._end("flushed")
 
     def close(self) -> None:
         if self._closed:
@@ -410,7 +420,7 @@ class ProcessRunWriter(RunWriter):
         self._closed = True
         try:
             self._send(None)
-            self._drain("closed")
+            self._end("closed")
         finally:
             self._requests.close()
             self._process.join(timeout=60)
@@ -420,31 +430,38 @@ class ProcessRunWriter(RunWriter):
             raise self._ended()
         self._requests.send(message)
 
-    def _drain(self, last: str) -> None:
-        while True:
-            kind = self._pump()
-            if kind == last:
-                return
-
-    def _pump(self) -> str:
-        """Receive one reply: a created run's id, or the end of a flush or of the writer."""
-        while not self._replies.poll(1.0):
-            if not self._process.is_alive() and not self._replies.poll(0):
-                raise self._ended()
-        kind, value, error = self._replies.recv()
-        if kind == "created":
-            future, on_created = self._awaiting.popleft()
-            if error:
-                future.set_exception(TrackingError(
-                    f"tracking.uri={mask_uri(self.uri)}: creating a run failed: {error}"))
-            else:
-                future.set_result(value)
-                if on_created is not None:
-                    on_created(value)
-        elif error:
+    def _end(self, expected: str) -> None:
+        kind, error = self._ends.get()
+        if kind == "ended":
+            raise self._ended()
+        if error:
             raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: writing a run failed: "
                                 f"{error}")
-        return str(kind)
+        assert kind == expected, (kind, expected)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                kind, value, error = self._replies.recv()
+            except (EOFError, OSError):
+                for future, _ in self._awaiting:
+                    if not future.done():
+                        future.set_exception(self._ended())
+                self._ends.put(("ended", ""))
+                return
+            if kind != "created":
+                self._ends.put((kind, error))
+                continue
+            future, on_created = self._awaiting.popleft()
+            try:
+                if error:
+                    raise TrackingError(
+                        f"tracking.uri={mask_uri(self.uri)}: creating a run failed: {error}")
+                if on_created is not None:
+                    on_created(value)
+                future.set_result(value)
+            except Exception as exc:
+                future.set_exception(exc)
 
     def _ended(self) -> TrackingError:
         return TrackingError(f"tracking.uri={mask_uri(self.uri)}: the run writer process "
