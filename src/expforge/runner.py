@@ -21,6 +21,7 @@ from expforge.tracking import (
     TrackingSettings,
     connect,
     dataset_inputs,
+    error_line,
     git_info,
     log_datasets,
     log_figures,
@@ -119,9 +120,9 @@ def run_one(
 
     The keyword arguments let a search reuse the loaded dataset and the store connection, hang
     the run under its parent, and report intermediate values for pruning (``stop_early``
-    ends the run FINISHED). With a ``writer`` (a search's trials) the run is created and
-    written on the writer's thread while this one fits; ``end_tags(error)`` adds the tags that
-    depend on how the run ended. Models and plots are logged only without a writer.
+    ends the run FINISHED). With a ``writer`` (a search's trials) the run is created when the
+    fit starts and written in one go at its end (see ``RunWriter``); ``end_tags(error)`` adds
+    the tags that depend on how the run ended. Models and plots are logged only without one.
     """
     context = context or RunContext()
     settings = TrackingSettings.from_config(plain["tracking"])
@@ -155,8 +156,8 @@ def run_one(
 
     if writer is not None:
         record = record_of(plain, context, dataset)
-        metrics = _run_deferred(writer, model, dataset, plain["model"], record,
-                                (experiment_id, run_name, tags, parent_run_id, on_start),
+        created = writer.create_run(experiment_id, run_name, tags, parent_run_id, on_start)
+        metrics = _run_deferred(writer, created, model, dataset, plain["model"], record,
                                 reporter, stop_early, end_tags)
         return RunResult(record.run_id, experiment_id, metrics, objective,
                          float(metrics[objective.metric])), model
@@ -218,21 +219,21 @@ def _config_texts(masked: Mapping[str, Any], context: RunContext) -> dict[str, s
 
 def _run_deferred(
     writer: RunWriter,
+    created: Any,
     model: Any,
     dataset: Dataset,
     model_cfg: Mapping[str, Any],
     record: RunRecord,
-    create: tuple[Any, ...],
     reporter: Reporter | None,
     stop_early: tuple[type[BaseException], ...],
     end_tags: Callable[[BaseException | None], Mapping[str, str]] | None,
 ) -> dict[str, float]:
-    """Fit and score while the writer creates the run; hand the finished run to the writer.
+    """Fit and score while the writer creates the run (``created``, a future of its id); hand
+    the finished run to the writer.
 
     Like ``tracked_run``, every way out ends the run: FINISHED (also ``stop_early``), FAILED
     with the error tag and traceback, or KILLED; an interrupt waits for the pending writes.
     """
-    created = writer.create_run(*create)
     error: BaseException | None = None
     try:
         fit_time = fit(model, dataset, model_cfg, reporter)
@@ -247,7 +248,7 @@ def _run_deferred(
         raise
     except BaseException as exc:
         error, record.status = exc, "FAILED"
-        record.tags["error"] = f"{type(exc).__name__}: {_first_line(exc)}"[:5000]
+        record.tags["error"] = error_line(exc)
         import traceback
 
         record.texts["error/traceback.txt"] = traceback.format_exc()
@@ -260,11 +261,6 @@ def _run_deferred(
         writer.write(record)
         if record.status == "KILLED":
             writer.flush()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""
 
 
 def _autolog(enable: bool, log_models: bool = True) -> None:

@@ -231,7 +231,7 @@ def _writer_process(plain: Mapping[str, Any], tracking: TrackingSettings) -> Run
     """One worker and a spare core: the runs are written by a process of their own.
 
     It must be forked before this process loads MLflow; otherwise (inside a multirun) and
-    with parallel workers, which use the cores themselves, each worker writes from a thread.
+    with parallel workers, which use the cores themselves, each worker writes its own runs.
     """
     import sys
 
@@ -368,10 +368,7 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     try:
         _loop(job, study, objective, callbacks, deadline)
     finally:  # every run handed over is written, also on Ctrl-C
-        if writer is job.writer:
-            writer.flush()  # run_search closes its writer process
-        else:
-            writer.close()
+        writer.flush()  # run_search closes its writer process
     _check_failures(settings, _counts(study), study)
     return objective
 
@@ -443,8 +440,8 @@ class _Objective:
             "optuna.trial_state": "RUNNING",
             "expforge.role": "trial",
         }
-        # Runs that log a model (log_models=all) are written here; the others by the writer,
-        # while the next trial fits.
+        # Runs that log a model (log_models=all) are written as a single run does; the others
+        # through the writer (created at the start, written in one go at the end).
         writer = None if self.log_each else self.writer
         reporter = None
         if not settings.multi_objective and settings.pruner is not None:
@@ -452,7 +449,7 @@ class _Objective:
                                       settings.report_every, tag_run=writer is None)
         run_ids: list[str] = []
 
-        def started(run_id: str) -> None:  # on the writer's thread when there is one
+        def started(run_id: str) -> None:  # on the reply thread of a writer process
             run_ids.append(run_id)
             trial.set_user_attr(_RUN_ATTR, run_id)
 
@@ -756,9 +753,8 @@ def _reap_orphans(study: Any, tracking: TrackingSettings, job: _Job | None = Non
             continue
         if job is None:
             _fail_trial(study, t, tracking.uri, "KILLED")
-        else:  # _repair_runs ends the run with its params
-            with contextlib.suppress(Exception):  # already finished by someone else
-                study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        else:  # _repair_runs ends the run, with its params
+            _set_failed(study, t)
     if job is not None:
         _repair_runs(study, job)
 
@@ -817,13 +813,19 @@ def _fail_trials_of(study: Any, tracking: TrackingSettings, pid: int | None, sta
 
 
 def _fail_trial(study: Any, trial: Any, tracking_uri: str, status: str) -> None:
+    if _set_failed(study, trial):
+        _end_trial_run(trial, tracking_uri, status)
+
+
+def _set_failed(study: Any, trial: Any) -> bool:
+    """Mark a RUNNING trial FAIL; False when someone else finished it first."""
     from optuna.trial import TrialState
 
     try:
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
     except Exception:
-        return  # already finished by someone else
-    _end_trial_run(trial, tracking_uri, status)
+        return False
+    return True
 
 
 def _end_trial_run(trial: Any, tracking_uri: str, status: str) -> None:

@@ -21,7 +21,6 @@ import traceback
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -38,7 +37,9 @@ __all__ = [
     "RunWriter",
     "TrackingSettings",
     "connect",
+    "create_run",
     "dataset_inputs",
+    "error_line",
     "git_info",
     "log_datasets",
     "log_figures",
@@ -210,7 +211,7 @@ def tracked_run(
         raise
     except BaseException as exc:
         try:
-            mlflow.set_tag("error", _one_line(exc))
+            mlflow.set_tag("error", error_line(exc))
             mlflow.log_text(traceback.format_exc(), "error/traceback.txt")
         finally:
             _end(run, "FAILED")
@@ -229,7 +230,8 @@ def _end(run: Any, status: str) -> None:
         mlflow.MlflowClient().set_terminated(run.info.run_id, status)
 
 
-def _one_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: a run's ``error`` tag."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]
 
@@ -262,9 +264,11 @@ def write_record(client: Any, record: RunRecord) -> None:
     for path, text in record.texts.items():
         client.log_text(record.run_id, text, path)
     if record.inputs:
+        from mlflow.exceptions import MlflowException
+
         try:
             client.log_inputs(record.run_id, datasets=list(record.inputs))
-        except Exception:
+        except MlflowException:
             # Writers of several processes may create the same dataset entity at once; the
             # loser's insert fails (MLflow's get-or-create is not atomic), and now it exists.
             time.sleep(0.5)
@@ -273,82 +277,79 @@ def write_record(client: Any, record: RunRecord) -> None:
 
 
 class RunWriter:
-    """Writes a search's runs off the trial's critical path, in the order handed over.
+    """Writes a search's trial runs: created at the trial's start, written in one go at its end.
 
     A trial creates its run (``create_run``), fits, and hands the finished run over as one
     ``RunRecord``: params, metrics and tags in one ``log_batch``, the config artifact, the
-    dataset inputs and the end. This base class writes on a background thread, which takes
-    the store's transactions off the trial but shares the GIL with the fit;
-    ``ProcessRunWriter`` writes from a process of its own when a core is free for it.
-    ``flush`` waits for every pending write and raises the first error as a
-    ``TrackingError``. A process killed with writes pending leaves finished trials with
-    RUNNING runs; the next start of the study writes them again from the trials
-    (``search._repair_runs``).
+    dataset inputs and the end, four transactions instead of one per call. This writer
+    writes in the calling process, at once; ``ProcessRunWriter`` has the same interface and
+    writes from a process of its own, in parallel with the next fit, when a core is free for
+    it. (A writer thread was measured and bought nothing: MLflow's SQLAlchemy work holds the
+    GIL, and the fit slowed as much as the writes were hidden.)
     """
 
-    def __init__(self, uri: str, max_pending: int = 16) -> None:
+    def __init__(self, uri: str) -> None:
         import mlflow
 
         self.uri = uri
         self.client = mlflow.MlflowClient(uri)
-        self.max_pending = max_pending
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="expforge-writer")
-        self._pending: deque[Any] = deque()
-        self._lock = threading.Lock()
         self._context_tags = _context_tags()
 
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
                    parent_run_id: str | None = None,
                    on_created: Callable[[str], None] | None = None) -> Any:
-        """A future of the new RUNNING run's id; ``on_created(run_id)`` runs on the writer."""
-        return self._submit(self._create, experiment_id, run_name, tags, parent_run_id,
-                            on_created, int(time.time() * 1000))
+        """A future of the new RUNNING run's id; ``on_created(run_id)`` runs before it is set."""
+        from concurrent.futures import Future
+
+        future: Future[str] = Future()
+        try:
+            run_id = create_run(self.client, self._context_tags, experiment_id, run_name, tags,
+                                parent_run_id, int(time.time() * 1000))
+            if on_created is not None:
+                on_created(run_id)
+            future.set_result(run_id)
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
 
     def wait(self, future: Any) -> Any:
-        """The result of a submitted write; its error as a ``TrackingError``."""
-        return _result(future, self.uri)
+        """The run id of ``create_run``; its error as a ``TrackingError``."""
+        try:
+            return future.result()
+        except Exception as exc:
+            if isinstance(exc, TrackingError):
+                raise
+            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: creating a run failed: "
+                                f"{error_line(exc)}") from exc
 
     def write(self, record: RunRecord) -> None:
-        self._submit(write_record, self.client, record)
+        write_record(self.client, record)
 
     def log_batch(self, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
-        self._submit(self.client.log_batch, run_id, metrics, [], tags)
+        self.client.log_batch(run_id, metrics, [], tags)
 
     def flush(self) -> None:
-        with self._lock:
-            while self._pending:
-                _result(self._pending.popleft(), self.uri)
+        """Wait until everything handed over is written (nothing waits here)."""
 
     def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._pool.shutdown(wait=True)
+        """Flush and let go of the writer."""
 
-    def _create(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
-                parent_run_id: str | None, on_created: Callable[[str], None] | None,
-                start: int) -> str:
-        all_tags = {**self._context_tags, **tags}
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, start_time=start, tags=all_tags,
-                                     run_name=run_name)
-        if on_created is not None:
-            on_created(run.info.run_id)
-        return str(run.info.run_id)
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
-            while self._pending and (self._pending[0].done()
-                                     or len(self._pending) >= self.max_pending):
-                _result(self._pending.popleft(), self.uri)
-            future = self._pool.submit(fn, *args)
-            self._pending.append(future)
-            return future
+def create_run(client: Any, context_tags: Mapping[str, str], experiment_id: str,
+               run_name: str, tags: Mapping[str, str], parent_run_id: str | None,
+               start: int) -> str:
+    """A RUNNING run with the tags ``mlflow.start_run`` would add; its id."""
+    all_tags = {**context_tags, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, start_time=start, tags=all_tags, run_name=run_name)
+    return str(run.info.run_id)
 
 
 class ProcessRunWriter(RunWriter):
     """A writer process: the store's work runs on another core, in parallel with the fits.
+
+    It overrides every method of ``RunWriter`` (and holds no client of its own).
 
     Start it before this process imports MLflow (it is forked, and no database connection
     may cross a fork). Requests go through a pipe, whose buffer bounds what can be pending;
@@ -389,9 +390,6 @@ class ProcessRunWriter(RunWriter):
         self._send(("create", (experiment_id, run_name, dict(tags), parent_run_id,
                                int(time.time() * 1000))))
         return future
-
-    def wait(self, future: Any) -> Any:
-        return _result(future, self.uri)
 
     def write(self, record: RunRecord) -> None:
         self._send(("record", record))
@@ -493,16 +491,10 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
         if client is None:
             client = mlflow.MlflowClient(uri)
         if kind == "create":
-            experiment_id, run_name, tags, parent_run_id, start = payload
-            tags = {**context, **tags}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
             try:
-                run = client.create_run(experiment_id, start_time=start, tags=tags,
-                                        run_name=run_name)
-                replies.send(("created", run.info.run_id, ""))
+                replies.send(("created", create_run(client, context, *payload), ""))
             except Exception as exc:
-                replies.send(("created", None, _one_line(exc)))
+                replies.send(("created", None, error_line(exc)))
             continue
         if kind == "open":  # the parent has created the store: open it before the trials
             with contextlib.suppress(Exception):
@@ -522,7 +514,7 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
             else:
                 client.log_batch(*payload)
         except Exception as exc:
-            error = error or _one_line(exc)
+            error = error or error_line(exc)
     with contextlib.suppress(OSError):
         replies.send(("closed", None, error))
 
@@ -532,17 +524,6 @@ def _context_tags() -> dict[str, str]:
     from mlflow.tracking.context.registry import resolve_tags
 
     return dict(resolve_tags({}))
-
-
-def _result(future: Any, uri: str) -> Any:
-    try:
-        return future.result()
-    except Exception as exc:
-        if isinstance(exc, TrackingError):
-            raise
-        first = (str(getattr(exc, "message", exc)).splitlines() or [type(exc).__name__])[0]
-        raise TrackingError(f"tracking.uri={mask_uri(uri)}: writing a run failed: {first}") \
-            from exc
 
 
 def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
@@ -571,12 +552,8 @@ _DATASET_ENTITIES: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
 
 def dataset_inputs(dataset: Any) -> tuple[Any, ...]:
-    """MLflow dataset inputs (train/val/test with digest, source, schema) of a dataset."""
-    return _dataset_entities(dataset)
-
-
-def _dataset_entities(dataset: Any) -> tuple[Any, ...]:
-    """MLflow dataset entities for each split, built once per loaded dataset."""
+    """MLflow dataset inputs (train/val/test with digest, source, schema) of a dataset,
+    built once per loaded dataset."""
     key = (dataset.name, dataset.source, dataset.digest)
     if key not in _DATASET_ENTITIES:
         _DATASET_ENTITIES[key] = _build_dataset_entities(dataset)
@@ -612,7 +589,7 @@ def log_datasets(run_id: str, dataset: Any) -> None:
     """Record train/val/test as the run's dataset inputs, with digest and source."""
     import mlflow
 
-    mlflow.MlflowClient().log_inputs(run_id, datasets=list(_dataset_entities(dataset)))
+    mlflow.MlflowClient().log_inputs(run_id, datasets=list(dataset_inputs(dataset)))
 
 
 def log_model(model: Any, input_example: Any, name: str = "model") -> Any:
