@@ -27,8 +27,9 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    from expforge.cli import app_help, precheck
+    from expforge.cli import app_help, freeze_at_exit, precheck
 
     if not app_help(sys.argv[1:], ROOT, "register", "register"):
+        freeze_at_exit()
         precheck(sys.argv[1:], ROOT, "register")
         main()

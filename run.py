@@ -26,8 +26,9 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from expforge.cli import app_help, precheck
+    from expforge.cli import app_help, freeze_at_exit, precheck
 
     if not app_help(sys.argv[1:], ROOT, "config", "run"):
+        freeze_at_exit()
         precheck(sys.argv[1:], ROOT, "config")
         main()

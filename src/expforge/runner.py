@@ -32,8 +32,8 @@ from expforge.tracking import (
 )
 
 __all__ = [
-    "Objective", "RunContext", "RunResult", "attach_model", "fit", "objective_of", "record_of",
-    "run_one",
+    "Objective", "RunContext", "RunResult", "attach_model", "fit", "fitted_model", "objective_of",
+    "record_of", "run_one",
 ]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
@@ -402,6 +402,16 @@ def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any], task: str) -> 
     if type(exc).__module__.startswith("xgboost"):
         return f"model={estimator} (XGBoost) rejects its configuration: {first}"
     return None
+
+
+def fitted_model(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None = None) -> Any:
+    """The model of the resolved config ``plain``, fitted on the train split (no run)."""
+    model = build_model(
+        plain["model"], dataset.task, dataset.numeric, dataset.categorical,
+        n_jobs=n_jobs or os.cpu_count() or 1, allowed=config_mod.allowed_targets(plain),
+    )
+    fit(model, dataset, plain["model"])
+    return model
 
 
 def attach_model(run_id: str, experiment_id: str, model: Any, dataset: Dataset,

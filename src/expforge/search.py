@@ -36,6 +36,7 @@ from expforge.runner import (
     Objective,
     RunContext,
     attach_model,
+    fitted_model,
     objective_of,
     record_of,
     run_one,
@@ -43,6 +44,7 @@ from expforge.runner import (
 from expforge.space import Param, apply_params, grid_of, parse_space, suggest
 from expforge.tracking import (
     ProcessRunWriter,
+    RunRecord,
     RunWriter,
     TrackingSettings,
     connect,
@@ -238,7 +240,7 @@ def _writer_process(plain: Mapping[str, Any], tracking: TrackingSettings) -> Run
     if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2 \
             or "mlflow" in sys.modules:
         return None
-    return ProcessRunWriter(tracking.uri)
+    return ProcessRunWriter(tracking.uri, plots=bool(plain["search"].get("plots", True)))
 
 
 @dataclass
@@ -431,9 +433,8 @@ class _Objective:
             # Another worker took the last slot between our check and our ask.
             trial.set_user_attr(_SKIPPED_ATTR, "budget reached")
             raise _BudgetReached(f"the budget of {settings.n_trials} trials is spent")
-        chosen = suggest(trial, job.params, job.plain, job.dataset.task)
-        cfg = apply_params(job.plain, chosen)
-        cfg["tracking"]["run_name"] = f"{settings.study_name}-trial-{trial.number}"
+        cfg = _trial_config(job, trial.number,
+                            suggest(trial, job.params, job.plain, job.dataset.task))
         tags = {
             "optuna.study_name": settings.study_name,
             "optuna.trial_number": str(trial.number),
@@ -516,6 +517,13 @@ class _Objective:
         attach_model(run_id, job.experiment_id, model, job.dataset,
                      plots=job.tracking.log_plots)
         self.best = None
+
+
+def _trial_config(job: _Job, number: int, chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """The resolved config of trial ``number``: the study's, with the trial's parameters."""
+    cfg = apply_params(job.plain, chosen)
+    cfg["tracking"]["run_name"] = f"{job.settings.study_name}-trial-{number}"
+    return cfg
 
 
 class _BudgetReached(Exception):
@@ -792,16 +800,23 @@ def _rewrite_run(job: _Job, trial: Any, run_id: str) -> None:
     import mlflow
     from optuna.trial import TrialState
 
-    cfg = apply_params(job.plain, trial.params)
-    record = record_of(cfg, RunContext(), job.dataset)
-    record.run_id = run_id
+    client = mlflow.MlflowClient(job.tracking.uri)
     finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    record.status = "FINISHED" if finished else "KILLED"
-    record.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
-    record.tags = {"optuna.trial_state": trial.state.name if finished else "FAIL",
-                   "expforge.rewritten": "true"}
+    record = RunRecord(run_id, status="FINISHED" if finished else "KILLED",
+                       tags={"optuna.trial_state": trial.state.name if finished else "FAIL",
+                             "expforge.rewritten": "true"})
     with contextlib.suppress(Exception):  # the run is gone, or another process wrote it
-        write_record(mlflow.MlflowClient(job.tracking.uri), record)
+        if not client.get_run(run_id).data.params:
+            # Not written at all (its writer was killed with it): params, config and inputs of
+            # the trial's config, and the metrics Optuna kept. A run that has its params was
+            # written and lacks only its end (killed while the best model was logged); the
+            # study's config may have changed since (more trials), so it is not logged again.
+            written = record_of(_trial_config(job, trial.number, trial.params), RunContext(),
+                                job.dataset)
+            record.params, record.texts, record.inputs = (written.params, written.texts,
+                                                          written.inputs)
+            record.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
+        write_record(client, record)
 
 
 def _fail_trials_of(study: Any, tracking: TrackingSettings, pid: int | None, status: str) -> None:
@@ -962,6 +977,7 @@ def _finish(job: _Job, study: Any, parent_id: str, objective: _Objective | None)
         plots = False
     if objective is not None:
         objective.flush_best()
+    _log_lost_best_model(job, study)
     mlflow.log_metrics({"n_complete": counts.complete, "n_pruned": counts.pruned,
                         "n_failed": counts.failed})
     table = _top_trials(study, settings)
@@ -973,6 +989,29 @@ def _finish(job: _Job, study: Any, parent_id: str, objective: _Objective | None)
     if settings.multi_objective or counts.complete == 0:
         return None
     return float(study.best_value)
+
+
+def _log_lost_best_model(job: _Job, study: Any) -> None:
+    """log_models=best: the best trial's model, when the session that ran the trial was killed
+    before its end, where it logs the model. Fitted again from the trial's config (seeded, so
+    the same model), as ``python register.py`` would otherwise promote a worse one."""
+    import mlflow
+
+    settings = job.settings
+    if settings.log_models != "best" or settings.multi_objective:
+        return
+    try:
+        best = study.best_trial
+    except ValueError:
+        return  # no complete trial
+    run_id = best.user_attrs.get(_RUN_ATTR)
+    client = mlflow.MlflowClient(job.tracking.uri)
+    if not run_id or client.search_logged_models(
+            experiment_ids=[job.experiment_id], filter_string=f"source_run_id = '{run_id}'",
+            max_results=1):
+        return
+    model = fitted_model(_trial_config(job, best.number, best.params), job.dataset)
+    attach_model(run_id, job.experiment_id, model, job.dataset, plots=job.tracking.log_plots)
 
 
 def _top_trials(study: Any, settings: SearchSettings) -> Any:

@@ -358,14 +358,16 @@ class ProcessRunWriter(RunWriter):
     told to, or once the parent is gone and what it sent is written.
     """
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, plots: bool = False) -> None:
+        """``plots``: the writer will draw plots (``study_plots``); it loads matplotlib early."""
         import multiprocessing
         import queue
 
         ctx = multiprocessing.get_context("fork")
         receive, self._requests = ctx.Pipe(duplex=False)
         self._replies, send = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_writer_main, args=(uri, receive, send, os.getpid()),
+        self._process = ctx.Process(target=_writer_main,
+                                    args=(uri, receive, send, os.getpid(), plots),
                                     name="expforge-writer", daemon=False)
         self._process.start()
         receive.close()
@@ -466,8 +468,9 @@ class ProcessRunWriter(RunWriter):
                              f"ended (exit code {self._process.exitcode})")
 
 
-def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
+def _writer_main(uri: str, requests: Any, replies: Any, parent: int, plots: bool) -> None:
     """The writer process: write what arrives until told to stop or the parent is gone."""
+    import importlib
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -476,6 +479,15 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
     client: Any = None  # created on "open": a new store must be created by the parent alone
     context = _context_tags()
     error = ""
+    # Loaded before a request needs them: the store's code (~1 s of imports, which the first
+    # trial would otherwise wait for), and on a thread, so that runs are still created
+    # meanwhile, what the plots need (~1.4 s).
+    with contextlib.suppress(ImportError):  # if it is broken, opening the store will say so
+        importlib.import_module(_store_module(uri))
+    if plots:
+        from expforge.plots import prepare
+
+        threading.Thread(target=prepare, name="expforge-writer-preload", daemon=True).start()
     while True:
         if not requests.poll(1.0):
             if os.getppid() != parent:
@@ -517,6 +529,15 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
             error = error or error_line(exc)
     with contextlib.suppress(OSError):
         replies.send(("closed", None, error))
+
+
+def _store_module(uri: str) -> str:
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    if scheme in _DB_SCHEMES:
+        return "mlflow.store.tracking.sqlalchemy_store"
+    if scheme in ("http", "https"):
+        return "mlflow.store.tracking.rest_store"
+    return "mlflow.store.tracking.file_store"
 
 
 def _context_tags() -> dict[str, str]:
