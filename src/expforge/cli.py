@@ -48,15 +48,16 @@ def freeze_at_exit() -> None:
     """Spare the interpreter's shutdown its repeated walks of the whole heap.
 
     With MLflow, scikit-learn, pandas and matplotlib loaded, the garbage collections that
-    Python runs while tearing down its modules took 1.2 s of every command here. At exit,
-    what is garbage is collected once (so its finalizers run), and the rest is frozen: the
-    later collections have nothing to walk, and the process's memory goes back all at once.
+    Python runs while tearing down its modules took 1.2 s of every command here. At exit the
+    young garbage (what the command's last steps dropped) is collected, so its finalizers
+    run, and the rest is frozen: the later collections have nothing to walk, and the
+    process's memory goes back at once. (A full collection first would cost 0.25 s.)
     """
     import atexit
     import gc
 
     def collect_and_freeze() -> None:
-        gc.collect()
+        gc.collect(1)
         gc.freeze()
 
     atexit.register(collect_and_freeze)

@@ -48,6 +48,7 @@ from expforge.tracking import (
     RunWriter,
     TrackingSettings,
     connect,
+    load_store_code,
     set_tags,
     tracked_run,
     write_record,
@@ -240,6 +241,7 @@ def _writer_process(plain: Mapping[str, Any], tracking: TrackingSettings) -> Run
     if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2 \
             or "mlflow" in sys.modules:
         return None
+    # The writer draws the study's plots too (see _finish).
     return ProcessRunWriter(tracking.uri, plots=bool(plain["search"].get("plots", True)))
 
 
@@ -292,7 +294,11 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     """A forked worker: wait for the parent run, then take trials until the budget is spent."""
     import sys
 
+    # MLflow's code is loaded (~1.5 s) while the coordinator opens the store and the parent
+    # run. (A writer process per worker was measured: with two workers on two cores, its
+    # start-up cost more than it saved.)
     try:
+        load_store_code(job.tracking.uri)
         message = channel.recv()
     except (EOFError, KeyboardInterrupt):
         sys.exit(1)
@@ -378,6 +384,7 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
 def _loop(job: _Job, study: Any, objective: _Objective, callbacks: list[Any],
           deadline: float) -> None:
     settings = job.settings
+    recovered = time.monotonic()
     while time.monotonic() < deadline:
         counts = _counts(study)
         if counts.done >= settings.n_trials:
@@ -385,8 +392,11 @@ def _loop(job: _Job, study: Any, objective: _Objective, callbacks: list[Any],
         if counts.taken >= settings.n_trials:
             # The last slots are running elsewhere. Wait: if their worker dies, heartbeats (RDB)
             # or the dead-process check (this host) fail them and the slot is ours to retry.
-            time.sleep(1.0)
-            _recover_stale(study, job)
+            # The study is read every 0.2 s, so that this worker ends soon after the last trial.
+            time.sleep(0.2)
+            if time.monotonic() - recovered >= 1.0:
+                _recover_stale(study, job)
+                recovered = time.monotonic()
             continue
         _check_failures(settings, counts, study)
         study.optimize(
@@ -619,8 +629,10 @@ def _check_failures(settings: SearchSettings, counts: _Counts, study: Any) -> No
 
 def _watch(job: _Job, study: Any, workers: list[_Worker], progress: _Progress) -> None:
     """Follow forked workers; a worker that dies has its trial failed so the slot is retried."""
+    from multiprocessing.connection import wait
+
     while any(w.process.is_alive() for w in workers):
-        time.sleep(0.5)
+        wait([w.process.sentinel for w in workers if not w.reaped], timeout=0.5)
         progress.refresh()
         for w in workers:
             if not w.process.is_alive() and not w.reaped:
