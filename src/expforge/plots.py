@@ -21,8 +21,10 @@ def prepare() -> None:
     import sklearn.ensemble  # noqa: F401
 
 
-def model_figures(model: Any, dataset: Any, val_outputs: dict[str, Any]) -> dict[str, Any]:
-    """``{"plots/<name>.png": Figure}``: importance, and per task the usual two diagnostics."""
+def model_figures(model: Any, task: str, classes: tuple[str, ...], y_val: Any,
+                  val_outputs: dict[str, Any]) -> dict[str, Any]:
+    """``{"plots/<name>.png": Figure}``: importance, and per task the usual two diagnostics
+    of the validation split (``val_outputs``: its ``pred`` and, for classifiers, ``proba``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -30,15 +32,14 @@ def model_figures(model: Any, dataset: Any, val_outputs: dict[str, Any]) -> dict
     importance = _feature_importance(model)
     if importance is not None:
         figures["plots/feature_importance.png"] = _barh(*importance)
-    y_val = np.asarray(dataset.val.y)
-    if dataset.task == "regression":
+    y_val = np.asarray(y_val)
+    if task == "regression":
         pred = np.asarray(val_outputs["pred"])
         figures["plots/predicted_vs_actual.png"] = _pred_vs_actual(y_val, pred)
         figures["plots/residuals.png"] = _residuals(y_val, pred)
     else:
-        figures["plots/confusion_matrix.png"] = _confusion(y_val, val_outputs["pred"],
-                                                           dataset.classes)
-        figures["plots/roc.png"] = _roc(y_val, val_outputs["proba"], dataset.classes)
+        figures["plots/confusion_matrix.png"] = _confusion(y_val, val_outputs["pred"], classes)
+        figures["plots/roc.png"] = _roc(y_val, val_outputs["proba"], classes)
     return figures
 
 

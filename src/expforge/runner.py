@@ -183,7 +183,8 @@ def run_one(
             if want_plots:
                 from expforge.plots import model_figures
 
-                log_figures(model_figures(model, dataset, val_outputs))
+                log_figures(model_figures(model, dataset.task, dataset.classes, dataset.val.y,
+                                          val_outputs))
             model_uri = None
             if want_model and not settings.autolog:
                 model_uri = log_model(model, dataset.train.X).model_uri
@@ -415,12 +416,19 @@ def fitted_model(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None 
 
 
 def attach_model(run_id: str, experiment_id: str, model: Any, dataset: Dataset,
-                 plots: bool = True) -> str:
-    """Log a fitted model (and its plots) into an existing run; return the model URI."""
+                 plots: bool = True, writer: RunWriter | None = None) -> str:
+    """Log a fitted model (and its plots) into an existing run; return the model URI.
+
+    With a ``writer``, the plots are drawn and logged by it (a writer process draws them
+    while this process logs the model)."""
     with tracked_run(experiment_id, run_id=run_id):
         if plots:
-            from expforge.plots import model_figures
-
             _, val_outputs = score(model, dataset)
-            log_figures(model_figures(model, dataset, val_outputs))
+            figure_args = (model, dataset.task, dataset.classes, dataset.val.y, val_outputs)
+            if writer is not None:
+                writer.model_figures(run_id, *figure_args)
+            else:
+                from expforge.plots import model_figures
+
+                log_figures(model_figures(*figure_args))
         return str(log_model(model, dataset.train.X).model_uri)

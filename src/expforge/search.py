@@ -241,8 +241,9 @@ def _writer_process(plain: Mapping[str, Any], tracking: TrackingSettings) -> Run
     if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2 \
             or "mlflow" in sys.modules:
         return None
-    # The writer draws the study's plots too (see _finish).
-    return ProcessRunWriter(tracking.uri, plots=bool(plain["search"].get("plots", True)))
+    # The writer draws the plots too (see _finish).
+    plots = plain["search"].get("plots", True) or plain["tracking"].get("log_plots", True)
+    return ProcessRunWriter(tracking.uri, plots=bool(plots))
 
 
 @dataclass
@@ -525,7 +526,7 @@ class _Objective:
             return
         job = self.job
         attach_model(run_id, job.experiment_id, model, job.dataset,
-                     plots=job.tracking.log_plots)
+                     plots=job.tracking.log_plots, writer=self.writer)
         self.best = None
 
 
@@ -1023,7 +1024,8 @@ def _log_lost_best_model(job: _Job, study: Any) -> None:
             max_results=1):
         return
     model = fitted_model(_trial_config(job, best.number, best.params), job.dataset)
-    attach_model(run_id, job.experiment_id, model, job.dataset, plots=job.tracking.log_plots)
+    attach_model(run_id, job.experiment_id, model, job.dataset, plots=job.tracking.log_plots,
+                 writer=job.writer)
 
 
 def _top_trials(study: Any, settings: SearchSettings) -> Any:

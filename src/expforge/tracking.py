@@ -329,6 +329,10 @@ class RunWriter:
     def log_batch(self, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
         self.client.log_batch(run_id, metrics, [], tags)
 
+    def model_figures(self, run_id: str, *figure_args: Any) -> None:
+        """A model's figures (``expforge.plots.model_figures(*figure_args)``) onto ``run_id``."""
+        _log_model_figures(self.client, run_id, figure_args)
+
     def flush(self) -> None:
         """Wait until everything handed over is written (nothing waits here)."""
 
@@ -406,6 +410,18 @@ class ProcessRunWriter(RunWriter):
         schema migrations twice."""
         self._send(("open", None))
 
+    def model_figures(self, run_id: str, *figure_args: Any) -> None:
+        """Draw a model's figures in the writer. The model and the validation split's labels
+        and predictions go through a private temporary file, not the pipe: a message bigger
+        than the pipe's buffer would hold this process until the writer reads it."""
+        import pickle
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("wb", prefix="expforge-figures-", suffix=".pkl",
+                                         delete=False) as f:  # mode 0600
+            pickle.dump(figure_args, f, protocol=pickle.HIGHEST_PROTOCOL)
+        self._send(("figures", (run_id, f.name)))
+
     def study_plots(self, storage: str, study_name: str, run_id: str, target_name: str,
                     multi_objective: bool) -> None:
         """Draw the study's plots onto ``run_id`` in the writer, while this process goes on."""
@@ -471,6 +487,7 @@ class ProcessRunWriter(RunWriter):
 
 def _writer_main(uri: str, requests: Any, replies: Any, parent: int, plots: bool) -> None:
     """The writer process: write what arrives until told to stop or the parent is gone."""
+    import pickle
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -522,12 +539,27 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int, plots: bool
                 from expforge.plots import log_study_plots
 
                 log_study_plots(client, *payload)
+            elif kind == "figures":
+                run_id, path = payload
+                try:
+                    with open(path, "rb") as f:
+                        figure_args = pickle.load(f)  # written by the parent (0600)
+                finally:
+                    os.unlink(path)
+                _log_model_figures(client, run_id, figure_args)
             else:
                 client.log_batch(*payload)
         except Exception as exc:
             error = error or error_line(exc)
     with contextlib.suppress(OSError):
         replies.send(("closed", None, error))
+
+
+def _log_model_figures(client: Any, run_id: str, figure_args: tuple[Any, ...]) -> None:
+    from expforge.plots import model_figures
+
+    for path, fig in model_figures(*figure_args).items():
+        client.log_figure(run_id, fig, path)
 
 
 def load_store_code(uri: str) -> None:
