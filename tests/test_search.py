@@ -3,6 +3,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -160,6 +161,28 @@ def _assert_budget_exact(tmp_path: Path, n: int) -> None:
                if r.data.tags["optuna.trial_state"] in ("COMPLETE", "PRUNED")]
     assert len(numbers) == len(set(numbers)) == n  # one run per trial, no duplicate
     assert {t.user_attrs["mlflow_run_id"] for t in done} <= {r.info.run_id for r in kids}
+
+
+def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
+        tmp_path: Path) -> None:
+    """One worker from the command line: the runs, the study's plots and the best model's
+    figures are written by the writer process, the model by the main process."""
+    done = subprocess.run(_cli(tmp_path, *FAST_RF, "search.n_trials=3"), capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_budget_exact(tmp_path, 3)
+    study = load(tmp_path / "s.journal", "cli")
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = c.get_experiment_by_name("expforge").experiment_id
+    parent_plots = {a.path for a in c.list_artifacts(study.user_attrs["mlflow_parent_run_id"],
+                                                     "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= parent_plots
+    best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    assert {a.path for a in c.list_artifacts(best_run, "plots")} == {
+        "plots/feature_importance.png", "plots/predicted_vs_actual.png", "plots/residuals.png"}
+    assert c.search_logged_models(experiment_ids=[exp_id],
+                                  filter_string=f"source_run_id = '{best_run}'")
+    assert not list(Path(tempfile.gettempdir()).glob("expforge-figures-*"))  # handed over
 
 
 def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
