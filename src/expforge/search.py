@@ -203,11 +203,16 @@ def run_search(
 
     In a multirun sweep the study's parent run hangs under the sweep's parent run.
     """
+    import sys
+
     context = context or RunContext()
     root = Path(plain["paths"]["root"])
     tracking = TrackingSettings.from_config(plain["tracking"])
+    # Where MLflow is loaded already (inside a multirun), this process may hold pooled
+    # database connections, which must never cross a fork.
+    fork = "mlflow" not in sys.modules
     # Started first: it loads MLflow and opens the store while this process loads the data.
-    writer = _writer_process(plain, tracking)
+    writer = _writer_process(plain, tracking) if fork else None
     try:
         dataset = load_data(plain["data"], int(plain["seed"]), root)
         settings = settings_of(plain, dataset.task)
@@ -223,7 +228,9 @@ def run_search(
     try:
         if settings.n_workers == 1:
             return _coordinate(job, [])
-        workers = _fork_workers(job)
+        if fork:  # the workers inherit MLflow's code instead of each loading it (~1.5 s)
+            load_store_code(tracking.uri)
+        workers = _start_workers(job, fork)
         return _coordinate(job, workers)
     finally:
         if job.writer is not None:
@@ -231,15 +238,10 @@ def run_search(
 
 
 def _writer_process(plain: Mapping[str, Any], tracking: TrackingSettings) -> RunWriter | None:
-    """One worker and a spare core: the runs are written by a process of their own.
-
-    It must be forked before this process loads MLflow; otherwise (inside a multirun) and
-    with parallel workers, which use the cores themselves, each worker writes its own runs.
-    """
-    import sys
-
-    if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2 \
-            or "mlflow" in sys.modules:
+    """One worker and a spare core: the runs are written by a process of their own, forked
+    before this process loads MLflow. With parallel workers, which use the cores themselves,
+    each worker writes its own runs."""
+    if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2:
         return None
     # The writer draws the plots too (see _finish).
     plots = plain["search"].get("plots", True) or plain["tracking"].get("log_plots", True)
@@ -269,17 +271,13 @@ class _Worker:
     reaped: bool = False
 
 
-def _fork_workers(job: _Job) -> list[_Worker]:
+def _start_workers(job: _Job, fork: bool) -> list[_Worker]:
     """Start the workers before this process opens any store connection.
 
-    Forking shares the loaded data copy-on-write. Inside a multirun (or anywhere MLflow is
-    already loaded) this process may hold pooled database connections, which must never cross
-    a fork: the workers are spawned instead and receive the data through a pipe.
+    Forked workers share the loaded data (and code) copy-on-write. Where ``fork`` is False
+    (connections may exist) they are spawned instead and receive the data through a pipe.
     """
-    import sys
-
-    method = "spawn" if "mlflow" in sys.modules else "fork"
-    ctx = multiprocessing.get_context(method)
+    ctx = multiprocessing.get_context("fork" if fork else "spawn")
     workers = []
     for index in range(job.settings.n_workers):
         receive, send = ctx.Pipe(duplex=False)
@@ -295,9 +293,9 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     """A forked worker: wait for the parent run, then take trials until the budget is spent."""
     import sys
 
-    # MLflow's code is loaded (~1.5 s) while the coordinator opens the store and the parent
-    # run. (A writer process per worker was measured: with two workers on two cores, its
-    # start-up cost more than it saved.)
+    # A spawned worker loads MLflow's code (~1.5 s) while the coordinator opens the store and
+    # the parent run; a forked one has it already. (A writer process per worker was measured:
+    # with two workers on two cores, its start-up cost more than it saved.)
     try:
         load_store_code(job.tracking.uri)
         message = channel.recv()
