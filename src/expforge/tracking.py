@@ -420,7 +420,11 @@ class ProcessRunWriter(RunWriter):
         with tempfile.NamedTemporaryFile("wb", prefix="expforge-figures-", suffix=".pkl",
                                          delete=False) as f:  # mode 0600
             pickle.dump(figure_args, f, protocol=pickle.HIGHEST_PROTOCOL)
-        self._send(("figures", (run_id, f.name)))
+        try:
+            self._send(("figures", (run_id, f.name)))
+        except BaseException:
+            os.unlink(f.name)
+            raise
 
     def study_plots(self, storage: str, study_name: str, run_id: str, target_name: str,
                     multi_objective: bool) -> None:
