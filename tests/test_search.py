@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -183,6 +184,21 @@ def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
     assert c.search_logged_models(experiment_ids=[exp_id],
                                   filter_string=f"source_run_id = '{best_run}'")
     assert not list(Path(tempfile.gettempdir()).glob("expforge-figures-*"))  # handed over
+
+
+def test_two_spawned_workers_where_mlflow_is_loaded(plain, store, tmp_path: Path) -> None:
+    """In a process that has used MLflow (a multirun's jobs, this test), connections may be
+    pooled: the workers are spawned, not forked, and receive the loaded data pickled."""
+    import mlflow
+
+    mlflow.MlflowClient(store["uri"]).search_experiments(max_results=1)  # a pooled connection
+    cfg = plain("search=optuna", *FAST_RF, "search.n_trials=4", "search.n_workers=2",
+                "search.study_name=spawned", f"search.storage={tmp_path}/s.journal",
+                "search.plots=false")
+    run_search(cfg, RunContext())
+    study = load(tmp_path / "s.journal", "spawned")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4
+    assert os.getpid() not in {t.user_attrs["expforge.pid"] for t in study.trials}
 
 
 def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
