@@ -374,6 +374,14 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
         callbacks.append(progress.callback)
     try:
         _loop(job, study, objective, callbacks, deadline)
+    except KeyboardInterrupt:
+        # Ctrl-C can land where a trial's run was created but not yet handed over (waiting
+        # for its id, say): once what was handed over is written, this process's trials are
+        # over and any run of theirs still RUNNING is ended KILLED.
+        writer.flush()
+        _fail_trials_of(study, job.tracking, os.getpid(), "KILLED")
+        _repair_runs(study, job, pid=os.getpid())
+        raise
     finally:  # every run handed over is written, also on Ctrl-C
         writer.flush()  # run_search closes its writer process
     _check_failures(settings, _counts(study), study)
@@ -784,10 +792,13 @@ def _of_dead_process(trial: Any) -> bool:
                 and not _alive(int(pid)))
 
 
-def _repair_runs(study: Any, job: _Job) -> None:
+def _repair_runs(study: Any, job: _Job, pid: int | None = None) -> None:
     """Runs that a killed process left unwritten: its trials are over, their runs RUNNING
     and without contents. Each is written again from its trial (config and params, the
-    metrics Optuna kept) and ended FINISHED, or KILLED for a trial that did not finish."""
+    metrics Optuna kept) and ended FINISHED, or KILLED for a trial that did not finish.
+
+    Trials of dead processes of this host; with ``pid``, the trials of that process (an
+    interrupt, see ``_optimize``)."""
     import mlflow
     from optuna.trial import TrialState
 
@@ -802,9 +813,10 @@ def _repair_runs(study: Any, job: _Job) -> None:
         return
     for t in study.get_trials(deepcopy=False):
         run_id = by_number.get(str(t.number))
-        if run_id is None or t.state == TrialState.RUNNING or not _of_dead_process(t):
+        if run_id is None or t.state == TrialState.RUNNING:
             continue
-        _rewrite_run(job, t, run_id)
+        if (_of_dead_process(t) if pid is None else t.user_attrs.get(_PID_ATTR) == pid):
+            _rewrite_run(job, t, run_id)
 
 
 def _rewrite_run(job: _Job, trial: Any, run_id: str) -> None:

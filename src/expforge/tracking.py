@@ -452,13 +452,19 @@ class ProcessRunWriter(RunWriter):
         self._requests.send(message)
 
     def _end(self, expected: str) -> None:
-        kind, error = self._ends.get()
-        if kind == "ended":
-            raise self._ended()
-        if error:
+        """Wait for the reply ``expected``. Replies to earlier requests whose wait was cut
+        short (Ctrl-C during a flush) come first; their errors count too."""
+        first_error = ""
+        while True:
+            kind, error = self._ends.get()
+            if kind == "ended":
+                raise self._ended()
+            first_error = first_error or error
+            if kind == expected:
+                break
+        if first_error:
             raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: writing a run failed: "
-                                f"{error}")
-        assert kind == expected, (kind, expected)
+                                f"{first_error}")
 
     def _receive(self) -> None:
         while True:
