@@ -19,8 +19,9 @@ from .conftest import client, compose, free_port, run_cli
 @pytest.fixture()
 def files(tmp_path: Path) -> dict[str, Path]:
     out = {"empty": tmp_path / "empty.csv", "nan": tmp_path / "nan.csv",
-           "nofeat": tmp_path / "nofeat.csv"}
+           "nofeat": tmp_path / "nofeat.csv", "notadb": tmp_path / "broken.db"}
     out["empty"].write_text("")
+    out["notadb"].write_text("not a database\n" * 100)
     pd.DataFrame({"x": [1.0, 2.0, 3.0, 4.0], "y": [1.0, None, 2.0, 3.0]}).to_csv(
         out["nan"], index=False)
     pd.DataFrame({"when": ["2021-01-01"] * 4, "y": [1.0, 2.0, 3.0, 4.0]}).to_csv(
@@ -70,6 +71,8 @@ CASES = {
     "unreachable-server": (["tracking.uri=http://127.0.0.1:{port}"],
                            "error: tracking.uri=http://127.0.0.1:{port} is unreachable"),
     "unwritable-project": (["paths.root={readonly}"], "is not writable"),
+    "broken-store": (["tracking.uri=sqlite:///{notadb}"],
+                     "error: tracking.uri=sqlite:///{notadb} cannot be opened ("),
 }
 
 
@@ -83,7 +86,7 @@ def test_bad_input_row(case: str, tmp_path: Path, files, request) -> None:
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
              f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out",
              f"search.storage={tmp_path}/s.journal"]
-    if case == "unreachable-server":
+    if case in ("unreachable-server", "broken-store"):
         store = store[1:]
     if case == "unwritable-project":
         store = []

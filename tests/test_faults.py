@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -165,3 +166,23 @@ def test_a_flush_cut_short_by_ctrl_c_leaves_the_writer_usable(tmp_path: Path) ->
     writer._send(("flush", None))  # what an interrupted flush() sent, its reply unread
     writer.close()
     assert writer._process.exitcode == 0
+
+
+def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_store(
+        tmp_path: Path) -> None:
+    """MLflow creates a store by migrating it (~1 s). Ctrl-C meanwhile used to leave a file
+    that every later command failed to open; the store now appears complete or not at all."""
+    args = [sys.executable, str(ROOT / "run.py"), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".mlflow.db.creating-*")) and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)  # inside the migrations
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow" in p.name) == []
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]

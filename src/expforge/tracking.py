@@ -89,9 +89,35 @@ def connect(settings: TrackingSettings) -> str:
     import mlflow
 
     check_reachable(settings.uri)
+    if urlparse(settings.uri).scheme == "sqlite":
+        _create_sqlite_store(settings)
     mlflow.set_tracking_uri(settings.uri)
     mlflow.set_registry_uri(settings.uri)
     return ensure_experiment(settings)
+
+
+def _create_sqlite_store(settings: TrackingSettings) -> None:
+    """A new SQLite store is made under a temporary name and linked into place complete.
+
+    MLflow creates a store by running its schema migrations (~1 s) in the file itself; a
+    Ctrl-C meanwhile left a half-made store that every later command failed to open. The
+    link does not replace a store that another process made first.
+    """
+    path = Path(settings.uri.split("sqlite:///", 1)[-1])
+    if path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        root = Path(settings.artifact_root or path.parent / "mlartifacts").resolve().as_uri()
+        SqlAlchemyStore(f"sqlite:///{temporary}", root).engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        for leftover in (temporary, temporary.with_name(temporary.name + "-journal")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
 
 
 def check_reachable(uri: str) -> None:
@@ -152,7 +178,16 @@ def ensure_experiment(settings: TrackingSettings) -> str:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(settings.uri)
+    try:
+        client = mlflow.MlflowClient(settings.uri)
+    except Exception as exc:  # a store MLflow cannot open, or cannot bring up to date
+        text = str(exc).strip().splitlines()
+        hint = ""
+        if urlparse(settings.uri).scheme == "sqlite":
+            hint = ("; if a run was interrupted while the store was being created, it holds no "
+                    "runs: delete the file and run again")
+        raise TrackingError(f"tracking.uri={mask_uri(settings.uri)} cannot be opened "
+                            f"({text[0] if text else type(exc).__name__}){hint}") from None
     try:
         existing = client.get_experiment_by_name(settings.experiment)
         if existing is not None:
