@@ -1,6 +1,6 @@
 """expforge benchmarks, side by side with what a user would write by hand.
 
-    python benchmarks/run.py            # full suite (~20 min on 2 cores); writes RESULTS.md
+    python benchmarks/run.py            # full suite (~6 min on 2 cores); writes RESULTS.md
     python benchmarks/run.py --smoke    # tiny sizes, to keep the suite working (CI)
 
 Every contender runs end to end as a separate process (imports included), the contenders of a
@@ -232,6 +232,60 @@ def scale(store: Path, n_samples: int, n_trials: int, table: Table) -> None:
               f"{'met' if m.peak_mb <= budget else 'missed'})")
 
 
+def gpu(store: Path, n_samples: int, n_trials: int, table: Table) -> None:
+    """The scale search with ``model.device=cuda`` (one worker: one GPU) against the CPU.
+
+    Runs only where ``nvidia-smi`` sees a GPU and XGBoost was built with CUDA (XGBoost would
+    otherwise fall back to the CPU with a warning); the GPU's peak memory, sampled while the
+    search runs, shows that the trials ran on it."""
+    missing = _cuda_missing()
+    if missing:
+        table.add("GPU", f"skipped: {missing}")
+        return
+    common = ["experiment=synthetic_scale", f"data.n_samples={n_samples}",
+              f"search.n_trials={n_trials}", "search.log_models=none"]
+    cpu = run(expforge(store, *common, "search.study_name=gpu-cpu",
+                       f"search.storage={store}/studies/gpu-cpu.journal"))
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used",
+                                  "--format=csv,noheader,nounits"], capture_output=True,
+                                 text=True, check=False).stdout.split()
+            peak[0] = max([peak[0], *(int(v) for v in out if v.isdigit())])
+            stop.wait(0.5)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        cuda = run(expforge(store, *common, "model.device=cuda", "search.n_workers=1",
+                            "search.study_name=gpu-cuda",
+                            f"search.storage={store}/studies/gpu-cuda.journal"))
+    finally:
+        stop.set()
+    table.add(f"synthetic {n_samples:,} x 50, xgb, {n_trials} trials, CPU (2 workers)",
+              f"{cpu.wall_s:.1f} s")
+    table.add("the same, model.device=cuda (1 worker)", f"{cuda.wall_s:.1f} s "
+              f"(GPU memory peak {peak[0]} MiB)")
+    table.add("CPU / GPU", f"{cpu.wall_s / cuda.wall_s:.2f}x")
+
+
+def _cuda_missing() -> str:
+    """Why the GPU section cannot run here ("" when it can)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                check=False).stdout
+    except OSError:
+        listed = ""
+    if "GPU" not in listed:
+        return "no NVIDIA GPU (nvidia-smi lists none)"
+    out = subprocess.run([PY, "-c", "import xgboost; print(xgboost.build_info()['USE_CUDA'])"],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return "" if out == "True" else "this XGBoost was built without CUDA"
+
+
 def startup(store: Path, reps: int, table: Table) -> None:
     helps, ours, hand = [], [], []
     for _ in range(reps):
@@ -263,10 +317,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--only", nargs="*", default=None,
-                        help="overhead parallel scale startup")
+                        help="overhead parallel scale startup gpu")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     args = parser.parse_args()
-    sections = args.only or ["overhead", "parallel", "scale", "startup"]
+    sections = args.only or ["overhead", "parallel", "scale", "startup", "gpu"]
     reps = args.reps or (1 if args.smoke else 3)
     tables = []
     with tempfile.TemporaryDirectory(prefix="expforge-bench-") as tmp:
@@ -289,6 +343,10 @@ def main() -> None:
             tables.append(Table("Start-up"))
             print(tables[-1].title, flush=True)
             startup(store, reps, tables[-1])
+        if "gpu" in sections:
+            tables.append(Table("GPU (xgb, CPU against CUDA)"))
+            print(tables[-1].title, flush=True)
+            gpu(store, 5000 if args.smoke else 1_000_000, 2 if args.smoke else 5, tables[-1])
     lines = ["# Benchmark results", "", f"Machine: {machine()}.",
              f"Mode: {'smoke (tiny sizes)' if args.smoke else 'full'}; medians of {reps} "
              f"repetition(s), contenders alternating; `python benchmarks/run.py`.", ""]

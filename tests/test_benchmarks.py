@@ -22,3 +22,4 @@ def test_benchmark_smoke(tmp_path: Path) -> None:
     assert "ceiling: two bare XGBoost fits" in text
     assert "peak memory (PSS of the process tree)" in text
     assert "run.py / hand-written" in text
+    assert "## GPU (xgb, CPU against CUDA)" in text  # measured, or skipped with the reason
