@@ -23,6 +23,7 @@ from expforge.tracking import (
     dataset_inputs,
     error_line,
     git_info,
+    interrupts_deferred,
     log_datasets,
     log_figures,
     log_model,
@@ -179,15 +180,16 @@ def run_one(
             fit_time = fit(model, dataset, plain["model"], reporter)
             metrics, val_outputs = score(model, dataset)
             metrics["fit_time_s"] = fit_time
-            mlflow.log_metrics(metrics)
-            if want_plots:
-                from expforge.plots import model_figures
-
-                log_figures(model_figures(model, dataset.task, dataset.classes, dataset.val.y,
-                                          val_outputs))
             model_uri = None
-            if want_model and not settings.autolog:
-                model_uri = log_model(model, dataset.train.X).model_uri
+            with interrupts_deferred():  # this process's own writes (see there)
+                mlflow.log_metrics(metrics)
+                if want_plots:
+                    from expforge.plots import model_figures
+
+                    log_figures(model_figures(model, dataset.task, dataset.classes,
+                                              dataset.val.y, val_outputs))
+                if want_model and not settings.autolog:
+                    model_uri = log_model(model, dataset.train.X).model_uri
         result = RunResult(
             run_id=run_id,
             experiment_id=experiment_id,

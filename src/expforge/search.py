@@ -48,6 +48,7 @@ from expforge.tracking import (
     RunWriter,
     TrackingSettings,
     connect,
+    interrupts_deferred,
     load_store_code,
     set_tags,
     tracked_run,
@@ -314,7 +315,9 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     try:
         connect(job.tracking)
         study = _open_study(job.settings, job.params, index, job.tracking)
-        _optimize(job, study, index, progress=None).flush_best()
+        objective = _optimize(job, study, index, progress=None)
+        with interrupts_deferred():
+            objective.flush_best()
     except ExpforgeError as exc:
         print(f"error: worker {index}: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -349,7 +352,8 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
                     _watch(job, study, workers, progress)
                 else:
                     objective = _optimize(job, study, 0, progress)
-            best = _finish(job, study, parent.info.run_id, objective)
+            with interrupts_deferred():  # this process's own writes (see there)
+                best = _finish(job, study, parent.info.run_id, objective)
     finally:
         if not released:  # a waiting worker must hear that there is nothing to do
             for w in workers:
@@ -377,10 +381,12 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     except KeyboardInterrupt:
         # Ctrl-C can land where a trial's run was created but not yet handed over (waiting
         # for its id, say): once what was handed over is written, this process's trials are
-        # over and any run of theirs still RUNNING is ended KILLED.
+        # over and any run of theirs still RUNNING is ended KILLED. Best effort: the
+        # interrupt goes on whatever happens here.
         writer.flush()
-        _fail_trials_of(study, job.tracking, os.getpid(), "KILLED")
-        _repair_runs(study, job, pid=os.getpid())
+        with contextlib.suppress(Exception):
+            _fail_trials_of(study, job.tracking, os.getpid(), "KILLED")
+            _repair_runs(study, job, pid=os.getpid())
         raise
     finally:  # every run handed over is written, also on Ctrl-C
         writer.flush()  # run_search closes its writer process

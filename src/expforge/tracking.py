@@ -41,6 +41,7 @@ __all__ = [
     "dataset_inputs",
     "error_line",
     "git_info",
+    "interrupts_deferred",
     "load_store_code",
     "log_datasets",
     "log_figures",
@@ -211,6 +212,41 @@ def ensure_experiment(settings: TrackingSettings) -> str:
     except MlflowException as exc:
         first = str(exc.message).splitlines()[0]
         raise TrackingError(f"tracking.uri={mask_uri(settings.uri)}: {first}") from None
+
+
+_DEFERRING = threading.local()
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait for the end of the block, then interrupt as usual.
+
+    For this process's own writes to the store (logging a model, the end of a study): a
+    signal that lands inside an SQLite write can leave the write's lock held by this process,
+    and every later write (the run's KILLED end) then waits 20 s and fails. Blocks of a few
+    tenths of a second; the main thread only (Python runs signal handlers there).
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or getattr(
+            _DEFERRING, "active", False):
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    _DEFERRING.active = True
+    try:
+        yield
+    finally:
+        _DEFERRING.active = False
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]}")
 
 
 @contextmanager
@@ -452,13 +488,13 @@ class ProcessRunWriter(RunWriter):
         import pickle
         import tempfile
 
-        with tempfile.NamedTemporaryFile("wb", prefix="expforge-figures-", suffix=".pkl",
-                                         delete=False) as f:  # mode 0600
-            pickle.dump(figure_args, f, protocol=pickle.HIGHEST_PROTOCOL)
+        fd, path = tempfile.mkstemp(prefix="expforge-figures-", suffix=".pkl")  # mode 0600
         try:
-            self._send(("figures", (run_id, f.name)))
-        except BaseException:
-            os.unlink(f.name)
+            with os.fdopen(fd, "wb") as f:
+                pickle.dump(figure_args, f, protocol=pickle.HIGHEST_PROTOCOL)
+            self._send(("figures", (run_id, path)))
+        except BaseException:  # not handed over (the writer deletes it once read)
+            os.unlink(path)
             raise
 
     def study_plots(self, storage: str, study_name: str, run_id: str, target_name: str,
