@@ -132,10 +132,7 @@ def run_one(
     if dataset is None:
         dataset = load_data(plain["data"], int(plain["seed"]), root)
     objective = objective_of(plain, dataset.task)
-    model = build_model(
-        plain["model"], dataset.task, dataset.numeric, dataset.categorical,
-        n_jobs=n_jobs or os.cpu_count() or 1, allowed=config_mod.allowed_targets(plain),
-    )
+    model = _build(plain, dataset, n_jobs)
     if experiment_id is None:
         experiment_id = connect(settings)
     masked = config_mod.mask_secrets(plain)
@@ -409,12 +406,16 @@ def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any], task: str) -> 
 
 def fitted_model(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None = None) -> Any:
     """The model of the resolved config ``plain``, fitted on the train split (no run)."""
-    model = build_model(
+    model = _build(plain, dataset, n_jobs)
+    fit(model, dataset, plain["model"])
+    return model
+
+
+def _build(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None) -> Any:
+    return build_model(
         plain["model"], dataset.task, dataset.numeric, dataset.categorical,
         n_jobs=n_jobs or os.cpu_count() or 1, allowed=config_mod.allowed_targets(plain),
     )
-    fit(model, dataset, plain["model"])
-    return model
 
 
 def attach_model(run_id: str, experiment_id: str, model: Any, dataset: Dataset,

@@ -376,20 +376,20 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     callbacks = [_update_parent(job, writer), _report_failure]
     if progress is not None:
         callbacks.append(progress.callback)
+    interrupted = False
     try:
         _loop(job, study, objective, callbacks, deadline)
     except KeyboardInterrupt:
-        # Ctrl-C can land where a trial's run was created but not yet handed over (waiting
-        # for its id, say): once what was handed over is written, this process's trials are
-        # over and any run of theirs still RUNNING is ended KILLED. Best effort: the
-        # interrupt goes on whatever happens here.
-        writer.flush()
-        with contextlib.suppress(Exception):
-            _fail_trials_of(study, job.tracking, os.getpid(), "KILLED")
-            _repair_runs(study, job, pid=os.getpid())
+        interrupted = True
         raise
     finally:  # every run handed over is written, also on Ctrl-C
         writer.flush()  # run_search closes its writer process
+        if interrupted:
+            # Ctrl-C can land where a trial's run was created but not yet handed over
+            # (waiting for its id, say): this process's trials are failed and their runs
+            # still RUNNING ended KILLED. Best effort: the interrupt goes on regardless.
+            with contextlib.suppress(Exception):
+                _reap_orphans(study, job.tracking, job, pid=os.getpid())
     _check_failures(settings, _counts(study), study)
     return objective
 
@@ -651,7 +651,7 @@ def _watch(job: _Job, study: Any, workers: list[_Worker], progress: _Progress) -
             if not w.process.is_alive() and not w.reaped:
                 w.reaped = True
                 if w.process.exitcode not in (0, None):
-                    _fail_trials_of(study, job.tracking, w.process.pid, "KILLED")
+                    _reap_orphans(study, job.tracking, pid=w.process.pid)
     progress.refresh()
     codes = [w.process.exitcode for w in workers]
     counts = _counts(study)
@@ -777,19 +777,26 @@ def _pruner(settings: SearchSettings) -> Any:
     return _instantiate("search.pruner", settings.pruner, settings.allowed_targets)
 
 
-def _reap_orphans(study: Any, tracking: TrackingSettings, job: _Job | None = None) -> None:
-    """RUNNING trials left by dead processes of this host (SIGKILL): FAIL, their runs KILLED."""
+def _reap_orphans(study: Any, tracking: TrackingSettings, job: _Job | None = None,
+                  pid: int | None = None) -> None:
+    """RUNNING trials left by dead processes of this host (SIGKILL), or with ``pid`` by that
+    process (an interrupt): FAIL, their runs KILLED."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _of_dead_process(t):
+        if not _left_by(t, pid):
             continue
         if job is None:
             _fail_trial(study, t, tracking.uri, "KILLED")
         else:  # _repair_runs ends the run, with its params
             _set_failed(study, t)
     if job is not None:
-        _repair_runs(study, job)
+        _repair_runs(study, job, pid)
+
+
+def _left_by(trial: Any, pid: int | None) -> bool:
+    """The trial belongs to process ``pid``; without one, to a dead process of this host."""
+    return _of_dead_process(trial) if pid is None else trial.user_attrs.get(_PID_ATTR) == pid
 
 
 def _of_dead_process(trial: Any) -> bool:
@@ -803,8 +810,8 @@ def _repair_runs(study: Any, job: _Job, pid: int | None = None) -> None:
     and without contents. Each is written again from its trial (config and params, the
     metrics Optuna kept) and ended FINISHED, or KILLED for a trial that did not finish.
 
-    Trials of dead processes of this host; with ``pid``, the trials of that process (an
-    interrupt, see ``_optimize``)."""
+    Trials of dead processes of this host; with ``pid``, those of that process (see
+    ``_left_by``)."""
     import mlflow
     from optuna.trial import TrialState
 
@@ -821,7 +828,7 @@ def _repair_runs(study: Any, job: _Job, pid: int | None = None) -> None:
         run_id = by_number.get(str(t.number))
         if run_id is None or t.state == TrialState.RUNNING:
             continue
-        if (_of_dead_process(t) if pid is None else t.user_attrs.get(_PID_ATTR) == pid):
+        if _left_by(t, pid):
             _rewrite_run(job, t, run_id)
 
 
@@ -846,14 +853,6 @@ def _rewrite_run(job: _Job, trial: Any, run_id: str) -> None:
                                                           written.inputs)
             record.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
         write_record(client, record)
-
-
-def _fail_trials_of(study: Any, tracking: TrackingSettings, pid: int | None, status: str) -> None:
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get(_PID_ATTR) == pid:
-            _fail_trial(study, t, tracking.uri, status)
 
 
 def _fail_trial(study: Any, trial: Any, tracking_uri: str, status: str) -> None:

@@ -214,7 +214,7 @@ def ensure_experiment(settings: TrackingSettings) -> str:
         raise TrackingError(f"tracking.uri={mask_uri(settings.uri)}: {first}") from None
 
 
-_DEFERRING = threading.local()
+_deferring = False  # inside interrupts_deferred (main thread only)
 
 
 @contextmanager
@@ -228,8 +228,8 @@ def interrupts_deferred() -> Iterator[None]:
     """
     import signal
 
-    if threading.current_thread() is not threading.main_thread() or getattr(
-            _DEFERRING, "active", False):
+    global _deferring
+    if threading.current_thread() is not threading.main_thread() or _deferring:
         yield
         return
     received: list[int] = []
@@ -238,11 +238,11 @@ def interrupts_deferred() -> Iterator[None]:
         received.append(signum)
 
     previous = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
-    _DEFERRING.active = True
+    _deferring = True
     try:
         yield
     finally:
-        _DEFERRING.active = False
+        _deferring = False
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     if received:
