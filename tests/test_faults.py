@@ -159,10 +159,11 @@ def test_a_best_run_killed_while_its_model_was_logged_is_ended_with_its_model(
 def test_a_flush_cut_short_by_ctrl_c_leaves_the_writer_usable(tmp_path: Path) -> None:
     """Ctrl-C while waiting for a flush leaves its reply on the way; the next wait (close, at
     the end of the interrupted study) takes it in its stride instead of failing."""
-    from expforge.tracking import ProcessRunWriter
+    from expforge.tracking import ProcessRunWriter, TrackingSettings
 
-    writer = ProcessRunWriter(f"sqlite:///{tmp_path}/writer.db")  # a store nobody opened here
-    writer.open_store()
+    uri = f"sqlite:///{tmp_path}/writer.db"
+    writer = ProcessRunWriter(uri)  # a store nobody opened here
+    writer.connect(TrackingSettings(uri=uri, experiment="flush", artifact_root=str(tmp_path)))
     writer._send(("flush", None))  # what an interrupted flush() sent, its reply unread
     writer.close()
     assert writer._process.exitcode == 0

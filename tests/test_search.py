@@ -164,29 +164,51 @@ def _assert_budget_exact(tmp_path: Path, n: int) -> None:
     assert {t.user_attrs["mlflow_run_id"] for t in done} <= {r.info.run_id for r in kids}
 
 
+# run.py as a user types it, reporting at its very end whether this process loaded MLflow.
+_REPORTS_MLFLOW = """
+import atexit, runpy, sys
+atexit.register(lambda: print("mlflow loaded here:", "mlflow" in sys.modules))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
         tmp_path: Path) -> None:
-    """One worker from the command line: the runs, the study's plots and the best model's
-    figures are written by the writer process, the model by the main process."""
-    handovers = Path(tempfile.gettempdir()).glob("expforge-figures-*")
-    before = set(handovers)
-    done = subprocess.run(_cli(tmp_path, *FAST_RF, "search.n_trials=3"), capture_output=True,
-                          text=True, timeout=300, check=False)
+    """One worker from the command line: a writer process does all the store's work (runs,
+    parent, best model) and the command's own process never loads MLflow; it draws the
+    plots, which the writer logs. No hand-over file is left behind."""
+    def handovers() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("expforge-*"))
+
+    before = handovers()
+    command = _cli(tmp_path, *FAST_RF, "search.n_trials=3")
+    done = subprocess.run([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
+                          capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "mlflow loaded here: False" in done.stdout, done.stdout[-2000:]
     _assert_budget_exact(tmp_path, 3)
     study = load(tmp_path / "s.journal", "cli")
     c = client(f"sqlite:///{tmp_path}/mlflow.db")
     exp_id = c.get_experiment_by_name("expforge").experiment_id
-    parent_plots = {a.path for a in c.list_artifacts(study.user_attrs["mlflow_parent_run_id"],
-                                                     "plots")}
-    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= parent_plots
+    parent_id = study.user_attrs["mlflow_parent_run_id"]
+    parent = c.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["search.n_trials"] == "3"
+    assert parent.data.metrics["n_complete"] == 3
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= {
+        a.path for a in c.list_artifacts(parent_id, "plots")}
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
+    assert parent.data.tags["best_run_id"] == best_run
     assert {a.path for a in c.list_artifacts(best_run, "plots")} == {
         "plots/feature_importance.png", "plots/predicted_vs_actual.png", "plots/residuals.png"}
+    assert c.get_run(best_run).info.status == "FINISHED"
     assert c.search_logged_models(experiment_ids=[exp_id],
                                   filter_string=f"source_run_id = '{best_run}'")
-    after = set(Path(tempfile.gettempdir()).glob("expforge-figures-*"))
-    assert not after - before  # the hand-over file was read and deleted
+    trial_run = c.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert {d.dataset.name for d in trial_run.inputs.dataset_inputs} == {
+        "diabetes-train", "diabetes-val", "diabetes-test"}
+    assert not handovers() - before  # the hand-over files were read and deleted
 
 
 def test_two_spawned_workers_where_mlflow_is_loaded(plain, store, tmp_path: Path) -> None:

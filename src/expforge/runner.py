@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from expforge import config as config_mod
+from expforge import tracking
 from expforge.data import Dataset, load_data
 from expforge.errors import ConfigError, ModelError
 from expforge.metrics import default_objective, direction_of, metric_names, score
@@ -20,7 +21,7 @@ from expforge.tracking import (
     RunWriter,
     TrackingSettings,
     connect,
-    dataset_inputs,
+    describe_dataset,
     error_line,
     git_info,
     interrupts_deferred,
@@ -34,7 +35,7 @@ from expforge.tracking import (
 
 __all__ = [
     "Objective", "RunContext", "RunResult", "attach_model", "fit", "fitted_model", "objective_of",
-    "record_of", "run_one",
+    "record_of", "run_one", "submit_figures",
 ]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
@@ -205,7 +206,7 @@ def record_of(plain: Mapping[str, Any], context: RunContext, dataset: Dataset) -
     """A run's record before its work: params, config artifacts and dataset inputs."""
     masked = config_mod.mask_secrets(plain)
     return RunRecord("", params=config_mod.param_values(masked, exclude=_UNLOGGED),
-                     texts=_config_texts(masked, context), inputs=dataset_inputs(dataset))
+                     texts=_config_texts(masked, context), dataset=describe_dataset(dataset))
 
 
 def _config_texts(masked: Mapping[str, Any], context: RunContext) -> dict[str, str]:
@@ -418,20 +419,29 @@ def _build(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None) -> An
     )
 
 
-def attach_model(run_id: str, experiment_id: str, model: Any, dataset: Dataset,
-                 plots: bool = True, writer: RunWriter | None = None) -> str:
-    """Log a fitted model (and its plots) into an existing run; return the model URI.
+def attach_model(writer: RunWriter, run_id: str, model: Any, dataset: Dataset,
+                 plots: bool = True) -> None:
+    """Log a fitted model (and its plots) into an ended run, through ``writer``: a writer
+    process logs the model while this process draws the plots."""
+    writer.submit(tracking.attach_model, run_id, model, dataset.train.X.head(5))
+    if plots:
+        from expforge.plots import model_figures
 
-    With a ``writer``, the plots are drawn and logged by it (a writer process draws them
-    while this process logs the model)."""
-    with tracked_run(experiment_id, run_id=run_id):
-        if plots:
-            _, val_outputs = score(model, dataset)
-            figure_args = (model, dataset.task, dataset.classes, dataset.val.y, val_outputs)
-            if writer is not None:
-                writer.model_figures(run_id, *figure_args)
-            else:
-                from expforge.plots import model_figures
+        _, val_outputs = score(model, dataset)
+        figures = model_figures(model, dataset.task, dataset.classes, dataset.val.y,
+                                val_outputs)
+        submit_figures(writer, run_id, figures)
 
-                log_figures(model_figures(*figure_args))
-        return str(log_model(model, dataset.train.X).model_uri)
+
+def submit_figures(writer: RunWriter, run_id: str, figures: dict[str, Any]) -> None:
+    """Figures onto a run through ``writer``, as PNG files drawn here."""
+    import shutil
+
+    from expforge.plots import save_figures
+
+    folder = save_figures(figures)
+    try:
+        writer.submit(tracking.log_files, run_id, folder)
+    except BaseException:  # not handed over
+        shutil.rmtree(folder, ignore_errors=True)
+        raise

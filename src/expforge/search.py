@@ -40,6 +40,7 @@ from expforge.runner import (
     objective_of,
     record_of,
     run_one,
+    submit_figures,
 )
 from expforge.space import Param, apply_params, grid_of, parse_space, suggest
 from expforge.tracking import (
@@ -47,11 +48,10 @@ from expforge.tracking import (
     RunRecord,
     RunWriter,
     TrackingSettings,
-    connect,
+    ended,
     interrupts_deferred,
     load_store_code,
     set_tags,
-    tracked_run,
     write_record,
 )
 
@@ -213,7 +213,7 @@ def run_search(
     # database connections, which must never cross a fork.
     fork = "mlflow" not in sys.modules
     # Started first: it loads MLflow and opens the store while this process loads the data.
-    writer = _writer_process(plain, tracking) if fork else None
+    writer = _writer_process(plain) if fork else None
     try:
         dataset = load_data(plain["data"], int(plain["seed"]), root)
         settings = settings_of(plain, dataset.task)
@@ -238,15 +238,14 @@ def run_search(
             job.writer.close()
 
 
-def _writer_process(plain: Mapping[str, Any], tracking: TrackingSettings) -> RunWriter | None:
-    """One worker and a spare core: the runs are written by a process of their own, forked
-    before this process loads MLflow. With parallel workers, which use the cores themselves,
-    each worker writes its own runs."""
+def _writer_process(plain: Mapping[str, Any]) -> RunWriter | None:
+    """One worker and a spare core: the store's work is done by a process of its own, forked
+    before this process loads MLflow, which it then never does (~2 s of imports and opening
+    the store, done by the writer while this process loads the data). With parallel
+    workers, which use the cores themselves, each worker writes its own runs."""
     if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2:
         return None
-    # The writer draws the plots too (see _finish).
-    plots = plain["search"].get("plots", True) or plain["tracking"].get("log_plots", True)
-    return ProcessRunWriter(tracking.uri, plots=bool(plots))
+    return ProcessRunWriter(str(plain["tracking"]["uri"]))
 
 
 @dataclass
@@ -262,7 +261,7 @@ class _Job:
     parent_run_id: str = ""
     experiment_id: str = ""
     sweep_parent_run_id: str | None = None
-    writer: RunWriter | None = None  # a writer process (see _writer_process)
+    writer: RunWriter | None = None  # a writer process (see _writer_process), or in-process
 
 
 @dataclass
@@ -313,7 +312,8 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     # OpenMP pools (hgb, numpy) get the worker's share of the cores, like model.n_jobs does.
     threadpool_limits(limits=max(1, (os.cpu_count() or 1) // job.settings.n_workers))
     try:
-        connect(job.tracking)
+        job.writer = RunWriter(job.tracking.uri)
+        job.writer.connect(job.tracking)
         study = _open_study(job.settings, job.params, index, job.tracking)
         objective = _optimize(job, study, index, progress=None)
         with interrupts_deferred():
@@ -330,17 +330,27 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
+    """Open the store, the study and its parent run; run the trials (here or in the workers);
+    end the study. Where a writer process runs, this process never loads MLflow: every store
+    request goes through ``job.writer``."""
     settings = job.settings
     released = False
+    if job.writer is None:  # parallel workers write their own runs; this is the coordinator's
+        job.writer = RunWriter(job.tracking.uri)
+    store = job.writer
     try:
-        job.experiment_id = connect(job.tracking)
-        if isinstance(job.writer, ProcessRunWriter):
-            job.writer.open_store()
+        from expforge.plots import prepare
+
+        # This process loads the plots' code while the writer opens the store.
+        plots = settings.plots or job.tracking.log_plots
+        job.experiment_id = store.connect(job.tracking, meanwhile=prepare if plots else None)
+        if settings.log_models == "best" and not settings.multi_objective:
+            store.warm_up()
         study = _open_study(settings, job.params, 0, job.tracking)
-        _reap_orphans(study, job.tracking, job)
+        _reap_orphans(study, job)
         parent_id, resumed = _parent_run(job, study)
         job.parent_run_id = parent_id
-        with tracked_run(job.experiment_id, run_id=parent_id) as parent:
+        with ended(store, parent_id):
             if not resumed:
                 _log_parent_config(job)
             for w in workers:
@@ -353,7 +363,7 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
                 else:
                     objective = _optimize(job, study, 0, progress)
             with interrupts_deferred():  # this process's own writes (see there)
-                best = _finish(job, study, parent.info.run_id, objective)
+                best = _finish(job, study, parent_id, objective)
     finally:
         if not released:  # a waiting worker must hear that there is nothing to do
             for w in workers:
@@ -371,7 +381,8 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     Returns the objective, which holds the worker's best model (``flush_best``)."""
     settings = job.settings
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
-    writer = job.writer or RunWriter(job.tracking.uri)
+    writer = job.writer
+    assert writer is not None, "set by _coordinate or _worker_main"
     objective = _Objective(job, study, index, writer)
     callbacks = [_update_parent(job, writer), _report_failure]
     if progress is not None:
@@ -389,7 +400,7 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
             # (waiting for its id, say): this process's trials are failed and their runs
             # still RUNNING ended KILLED. Best effort: the interrupt goes on regardless.
             with contextlib.suppress(Exception):
-                _reap_orphans(study, job.tracking, job, pid=os.getpid())
+                _reap_orphans(study, job, pid=os.getpid())
     _check_failures(settings, _counts(study), study)
     return objective
 
@@ -426,7 +437,7 @@ def _recover_stale(study: Any, job: _Job) -> None:
     import optuna
 
     optuna.storages.fail_stale_trials(study)
-    _reap_orphans(study, job.tracking, job)
+    _reap_orphans(study, job)
 
 
 class _Objective:
@@ -526,20 +537,21 @@ class _Objective:
         minimize = self.job.settings.objectives[0].direction == "minimize"
         return value < self.best[0] if minimize else value > self.best[0]
 
-    def flush_best(self) -> None:
-        """Log the worker's best model (and plots) into its run if it is the study's best."""
+    def flush_best(self) -> bool:
+        """Log the worker's best model (and plots) into its run if it is the study's best;
+        whether it was."""
         if self.best is None:
-            return
+            return False
         _, run_id, model = self.best
         try:
             if self.study.best_trial.user_attrs.get(_RUN_ATTR) != run_id:
-                return  # another worker or an earlier session holds the best
+                return False  # another worker or an earlier session holds the best
         except ValueError:
-            return
-        job = self.job
-        attach_model(run_id, job.experiment_id, model, job.dataset,
-                     plots=job.tracking.log_plots, writer=self.writer)
+            return False
+        attach_model(self.writer, run_id, model, self.job.dataset,
+                     plots=self.job.tracking.log_plots)
         self.best = None
+        return True
 
 
 def _trial_config(job: _Job, number: int, chosen: Mapping[str, Any]) -> dict[str, Any]:
@@ -651,7 +663,7 @@ def _watch(job: _Job, study: Any, workers: list[_Worker], progress: _Progress) -
             if not w.process.is_alive() and not w.reaped:
                 w.reaped = True
                 if w.process.exitcode not in (0, None):
-                    _reap_orphans(study, job.tracking, pid=w.process.pid)
+                    _reap_orphans(study, job, pid=w.process.pid, rewrite=False)
     progress.refresh()
     codes = [w.process.exitcode for w in workers]
     counts = _counts(study)
@@ -702,10 +714,10 @@ class _FailedTrialRun:
     """Heartbeat callback: the trial of a vanished worker is FAIL, so is its run."""
 
     def __init__(self, tracking_uri: str) -> None:
-        self.tracking_uri = tracking_uri
+        self.store = RunWriter(tracking_uri)  # connects when first needed
 
     def __call__(self, study: Any, trial: Any) -> None:
-        _end_trial_run(trial, self.tracking_uri, "FAILED")
+        _end_trial_run(self.store, trial, "FAILED")
 
 
 def _open_study(settings: SearchSettings, params: list[Param], index: int,
@@ -777,20 +789,18 @@ def _pruner(settings: SearchSettings) -> Any:
     return _instantiate("search.pruner", settings.pruner, settings.allowed_targets)
 
 
-def _reap_orphans(study: Any, tracking: TrackingSettings, job: _Job | None = None,
-                  pid: int | None = None) -> None:
+def _reap_orphans(study: Any, job: _Job, pid: int | None = None, rewrite: bool = True) -> None:
     """RUNNING trials left by dead processes of this host (SIGKILL), or with ``pid`` by that
-    process (an interrupt): FAIL, their runs KILLED."""
+    process (an interrupt): FAIL, their runs written again (``_repair_runs``), or without
+    ``rewrite`` only ended KILLED."""
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _left_by(t, pid):
             continue
-        if job is None:
-            _fail_trial(study, t, tracking.uri, "KILLED")
-        else:  # _repair_runs ends the run, with its params
-            _set_failed(study, t)
-    if job is not None:
+        if _set_failed(study, t) and not rewrite and job.writer is not None:
+            _end_trial_run(job.writer, t, "KILLED")
+    if rewrite:
         _repair_runs(study, job, pid)
 
 
@@ -812,16 +822,11 @@ def _repair_runs(study: Any, job: _Job, pid: int | None = None) -> None:
 
     Trials of dead processes of this host; with ``pid``, those of that process (see
     ``_left_by``)."""
-    import mlflow
     from optuna.trial import TrialState
 
-    client = mlflow.MlflowClient(job.tracking.uri)
-    running = client.search_runs(
-        [job.experiment_id],
-        f"tags.`optuna.study_name` = '{job.settings.study_name}' and "
-        "tags.`expforge.role` = 'trial' and attributes.status = 'RUNNING'",
-    )
-    by_number = {r.data.tags.get("optuna.trial_number"): r.info.run_id for r in running}
+    assert job.writer is not None
+    by_number = job.writer.call(_running_trial_runs, job.experiment_id,
+                                job.settings.study_name)
     if not by_number:
         return
     for t in study.get_trials(deepcopy=False):
@@ -832,32 +837,39 @@ def _repair_runs(study: Any, job: _Job, pid: int | None = None) -> None:
             _rewrite_run(job, t, run_id)
 
 
+def _running_trial_runs(client: Any, experiment_id: str, study_name: str) -> dict[str, str]:
+    """``{trial number: run id}`` of the study's trial runs still RUNNING (in the store)."""
+    running = client.search_runs(
+        [experiment_id],
+        f"tags.`optuna.study_name` = '{study_name}' and "
+        "tags.`expforge.role` = 'trial' and attributes.status = 'RUNNING'",
+    )
+    return {r.data.tags.get("optuna.trial_number"): r.info.run_id for r in running}
+
+
 def _rewrite_run(job: _Job, trial: Any, run_id: str) -> None:
-    import mlflow
     from optuna.trial import TrialState
 
-    client = mlflow.MlflowClient(job.tracking.uri)
     finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
-    record = RunRecord(run_id, status="FINISHED" if finished else "KILLED",
-                       tags={"optuna.trial_state": trial.state.name if finished else "FAIL",
-                             "expforge.rewritten": "true"})
+    end = RunRecord(run_id, status="FINISHED" if finished else "KILLED",
+                    tags={"optuna.trial_state": trial.state.name if finished else "FAIL",
+                          "expforge.rewritten": "true"})
+    # Written whole if nothing was (its writer was killed with it): params, config and inputs
+    # of the trial's config, and the metrics Optuna kept.
+    whole = record_of(_trial_config(job, trial.number, trial.params), RunContext(),
+                      job.dataset)
+    whole.run_id, whole.status, whole.tags = run_id, end.status, end.tags
+    whole.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
+    assert job.writer is not None
     with contextlib.suppress(Exception):  # the run is gone, or another process wrote it
-        if not client.get_run(run_id).data.params:
-            # Not written at all (its writer was killed with it): params, config and inputs of
-            # the trial's config, and the metrics Optuna kept. A run that has its params was
-            # written and lacks only its end (killed while the best model was logged); the
-            # study's config may have changed since (more trials), so it is not logged again.
-            written = record_of(_trial_config(job, trial.number, trial.params), RunContext(),
-                                job.dataset)
-            record.params, record.texts, record.inputs = (written.params, written.texts,
-                                                          written.inputs)
-            record.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
-        write_record(client, record)
+        job.writer.call(_rewrite_in_store, whole, end)
 
 
-def _fail_trial(study: Any, trial: Any, tracking_uri: str, status: str) -> None:
-    if _set_failed(study, trial):
-        _end_trial_run(trial, tracking_uri, status)
+def _rewrite_in_store(client: Any, whole: RunRecord, end: RunRecord) -> None:
+    """``whole`` if the run has no params yet, else only ``end``: a run that has its params
+    was written and lacks only its end (killed while the best model was logged); the study's
+    config may have changed since (more trials), and MLflow refuses to change a param."""
+    write_record(client, end if client.get_run(end.run_id).data.params else whole)
 
 
 def _set_failed(study: Any, trial: Any) -> bool:
@@ -871,19 +883,17 @@ def _set_failed(study: Any, trial: Any) -> bool:
     return True
 
 
-def _end_trial_run(trial: Any, tracking_uri: str, status: str) -> None:
-    import mlflow
-
+def _end_trial_run(store: RunWriter, trial: Any, status: str) -> None:
     run_id = trial.user_attrs.get(_RUN_ATTR)
-    if not run_id:
-        return
-    client = mlflow.MlflowClient(tracking_uri)
-    try:
-        if client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status)
-        client.set_tag(run_id, "optuna.trial_state", "FAIL")
-    except Exception:
-        pass
+    if run_id:
+        with contextlib.suppress(Exception):
+            store.call(_end_run_in_store, run_id, status)
+
+
+def _end_run_in_store(client: Any, run_id: str, status: str) -> None:
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, status)
+    client.set_tag(run_id, "optuna.trial_state", "FAIL")
 
 
 def _alive(pid: int) -> bool:
@@ -901,16 +911,6 @@ def _alive(pid: int) -> bool:
 
 def _parent_run(job: _Job, study: Any) -> tuple[str, bool]:
     """The study's parent run: reused on resume and by other machines, else created."""
-    import mlflow
-
-    client = mlflow.MlflowClient(job.tracking.uri)
-    existing = study.user_attrs.get(_PARENT_ATTR)
-    if existing:
-        try:
-            if client.get_run(existing).info.lifecycle_stage == "active":
-                return existing, True
-        except Exception:
-            pass  # the run is gone (deleted or another store): start a new parent
     settings = job.settings
     tags = {
         "expforge.role": _STUDY_ROLE,
@@ -922,17 +922,34 @@ def _parent_run(job: _Job, study: Any) -> tuple[str, bool]:
         **{k: v for k, v in job.context.choices.items() if k in ("model", "data", "search")},
         **job.tracking.tags,
     }
-    run = client.create_run(job.experiment_id, tags=tags, run_name=settings.study_name)
+    assert job.writer is not None
+    run_id, resumed = job.writer.call(_parent_in_store, job.experiment_id,
+                                      study.user_attrs.get(_PARENT_ATTR), settings.study_name,
+                                      tags)
+    if not resumed or run_id != study.user_attrs.get(_PARENT_ATTR):
+        study.set_user_attr(_PARENT_ATTR, run_id)
+    return run_id, resumed
+
+
+def _parent_in_store(client: Any, experiment_id: str, existing: str | None, study_name: str,
+                     tags: dict[str, str]) -> tuple[str, bool]:
+    """``existing`` if it is an active run, else a new parent run; whether it was reused."""
+    if existing:
+        try:
+            if client.get_run(existing).info.lifecycle_stage == "active":
+                return existing, True
+        except Exception:
+            pass  # the run is gone (deleted or another store): start a new parent
+    run = client.create_run(experiment_id, tags=tags, run_name=study_name)
     # Workers starting together may each create a parent: all keep the earliest one.
     rivals = client.search_runs(
-        [job.experiment_id],
-        f"tags.`optuna.study_name` = '{settings.study_name}' and "
+        [experiment_id],
+        f"tags.`optuna.study_name` = '{study_name}' and "
         f"tags.`expforge.role` = '{_STUDY_ROLE}' and attributes.status = 'RUNNING'",
         order_by=["attributes.start_time ASC"],
     )
     rivals = [r for r in rivals if r.info.lifecycle_stage == "active"]
     winner = min(rivals, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
-    study.set_user_attr(_PARENT_ATTR, winner)
     if winner != run.info.run_id:
         client.delete_run(run.info.run_id)
         return winner, True
@@ -940,14 +957,14 @@ def _parent_run(job: _Job, study: Any) -> tuple[str, bool]:
 
 
 def _log_parent_config(job: _Job) -> None:
-    import mlflow
-
+    assert job.writer is not None
     masked = config_mod.mask_secrets(dict(job.plain))
-    mlflow.log_params(config_mod.param_values(masked, exclude=("hydra",)))
-    mlflow.log_text(config_mod.to_yaml(masked), "config.yaml")
+    texts = {"config.yaml": config_mod.to_yaml(masked)}
     if job.context.overrides:
-        mlflow.log_text(config_mod.to_yaml(config_mod.mask_overrides(job.context.overrides)),
-                        "overrides.yaml")
+        texts["overrides.yaml"] = config_mod.to_yaml(
+            config_mod.mask_overrides(job.context.overrides))
+    job.writer.write(RunRecord(job.parent_run_id, status=None, texts=texts,
+                               params=config_mod.param_values(masked, exclude=("hydra",))))
 
 
 def _report_failure(study: Any, trial: Any) -> None:
@@ -972,47 +989,39 @@ def _update_parent(job: _Job, writer: RunWriter) -> Callable[[Any, Any], None]:
             return
         if best.number != trial.number:
             return
-        from mlflow.entities import Metric, RunTag
-
-        now = int(time.time() * 1000)
         metric = job.settings.objectives[0].metric
-        writer.log_batch(
-            job.parent_run_id,
-            [Metric(f"best_{metric}", float(best.value), now, trial.number)],
-            [RunTag("best_trial", str(best.number)),
-             RunTag("best_run_id", str(best.user_attrs.get(_RUN_ATTR, ""))),
-             *(RunTag(f"best.{k}", str(v)) for k, v in best.params.items())],
-        )
+        writer.write(RunRecord(
+            job.parent_run_id, status=None, step=trial.number,
+            metrics={f"best_{metric}": float(best.value)},
+            tags={"best_trial": str(best.number),
+                  "best_run_id": str(best.user_attrs.get(_RUN_ATTR, "")),
+                  **{f"best.{k}": str(v) for k, v in best.params.items()}},
+        ))
 
     return callback
 
 
 def _finish(job: _Job, study: Any, parent_id: str, objective: _Objective | None) -> float | None:
     """The best model, top trials, Optuna's plots and the final counts on the parent; a table
-    on screen. A writer process draws the plots meanwhile."""
-    import mlflow
-
-    from expforge.plots import log_study_plots
+    on screen. A writer process logs the model while this process draws the plots."""
+    from expforge.plots import study_figures
 
     settings = job.settings
+    writer = job.writer
+    assert writer is not None
     counts = _counts(study)
-    plots = settings.plots and counts.complete >= 2
-    metric = settings.objectives[0].metric
-    plot_args = (settings.storage, settings.study_name, parent_id, metric,
-                 settings.multi_objective)
-    if plots and isinstance(job.writer, ProcessRunWriter):
-        job.writer.study_plots(*plot_args)
-        plots = False
-    if objective is not None:
-        objective.flush_best()
-    _log_lost_best_model(job, study)
-    mlflow.log_metrics({"n_complete": counts.complete, "n_pruned": counts.pruned,
-                        "n_failed": counts.failed})
+    logged = objective is not None and objective.flush_best()
+    if not logged:
+        _log_lost_best_model(job, study)
     table = _top_trials(study, settings)
-    if table is not None:
-        mlflow.log_text(table.to_csv(index=False), "top_trials.csv")
-    if plots:
-        log_study_plots(mlflow.MlflowClient(job.tracking.uri), *plot_args, study=study)
+    writer.write(RunRecord(
+        parent_id, status=None,
+        metrics={"n_complete": counts.complete, "n_pruned": counts.pruned,
+                 "n_failed": counts.failed},
+        texts={} if table is None else {"top_trials.csv": table.to_csv(index=False)}))
+    if settings.plots and counts.complete >= 2:
+        submit_figures(writer, parent_id, study_figures(study, settings.objectives[0].metric,
+                                                         settings.multi_objective))
     _print_report(study, settings, counts, table, parent_id)
     if settings.multi_objective or counts.complete == 0:
         return None
@@ -1023,8 +1032,6 @@ def _log_lost_best_model(job: _Job, study: Any) -> None:
     """log_models=best: the best trial's model, when the session that ran the trial was killed
     before its end, where it logs the model. Fitted again from the trial's config (seeded, so
     the same model), as ``python register.py`` would otherwise promote a worse one."""
-    import mlflow
-
     settings = job.settings
     if settings.log_models != "best" or settings.multi_objective:
         return
@@ -1033,14 +1040,17 @@ def _log_lost_best_model(job: _Job, study: Any) -> None:
     except ValueError:
         return  # no complete trial
     run_id = best.user_attrs.get(_RUN_ATTR)
-    client = mlflow.MlflowClient(job.tracking.uri)
-    if not run_id or client.search_logged_models(
-            experiment_ids=[job.experiment_id], filter_string=f"source_run_id = '{run_id}'",
-            max_results=1):
+    assert job.writer is not None
+    if not run_id or job.writer.call(_has_model, job.experiment_id, run_id):
         return
     model = fitted_model(_trial_config(job, best.number, best.params), job.dataset)
-    attach_model(run_id, job.experiment_id, model, job.dataset, plots=job.tracking.log_plots,
-                 writer=job.writer)
+    attach_model(job.writer, run_id, model, job.dataset, plots=job.tracking.log_plots)
+
+
+def _has_model(client: Any, experiment_id: str, run_id: str) -> bool:
+    return bool(client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'",
+        max_results=1))
 
 
 def _top_trials(study: Any, settings: SearchSettings) -> Any:

@@ -29,22 +29,27 @@ from typing import Any
 from urllib.parse import urlparse
 
 from expforge.config import mask_uri
-from expforge.errors import TrackingError
+from expforge.errors import ExpforgeError, TrackingError
 
 __all__ = [
+    "DatasetDescription",
     "ProcessRunWriter",
     "RunRecord",
     "RunWriter",
     "TrackingSettings",
+    "attach_model",
     "connect",
     "create_run",
     "dataset_inputs",
+    "describe_dataset",
+    "ended",
     "error_line",
     "git_info",
     "interrupts_deferred",
     "load_store_code",
     "log_datasets",
     "log_figures",
+    "log_files",
     "log_model",
     "log_params",
     "set_tags",
@@ -308,64 +313,132 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]
 
 
+@dataclass(frozen=True)
+class DatasetDescription:
+    """What a run's dataset inputs record, in plain values: built where the data is, turned
+    into MLflow's entities (``dataset_inputs``) where the run is written."""
+
+    name: str
+    source: str
+    digest: str
+    sample: Any  # the first 100 training rows with the target, for the schema
+    splits: tuple[tuple[str, int, int], ...]  # (split, rows, elements)
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.name, self.source, self.digest)
+
+
 @dataclass
 class RunRecord:
     """What a run records once its work is done: written by a run writer in one go."""
 
     run_id: str
-    status: str = "FINISHED"
+    status: str | None = "FINISHED"  # how the run ends; None: it goes on
     params: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)  # artifact path -> text
-    inputs: tuple[Any, ...] = ()  # MLflow DatasetInput entities (see dataset_inputs)
+    dataset: DatasetDescription | None = None  # logged as the run's train/val/test inputs
+    step: int = 0  # of the metrics
     end_time: int = field(default_factory=lambda: int(time.time() * 1000))
 
 
 def write_record(client: Any, record: RunRecord) -> None:
-    """One finished run's contents: one batch (params, metrics, tags), artifacts, inputs, end."""
+    """One run's contents: one batch (params, metrics, tags), artifacts, inputs, its end."""
     from mlflow.entities import Metric, Param, RunTag
 
     now = record.end_time
-    client.log_batch(
-        record.run_id,
-        metrics=[Metric(k, float(v), now, 0) for k, v in record.metrics.items()],
-        params=[Param(k, str(v)) for k, v in record.params.items()],
-        tags=[RunTag(k, str(v)) for k, v in record.tags.items()],
-    )
+    if record.metrics or record.params or record.tags:
+        client.log_batch(
+            record.run_id,
+            metrics=[Metric(k, float(v), now, record.step) for k, v in record.metrics.items()],
+            params=[Param(k, str(v)) for k, v in record.params.items()],
+            tags=[RunTag(k, str(v)) for k, v in record.tags.items()],
+        )
     for path, text in record.texts.items():
         client.log_text(record.run_id, text, path)
-    if record.inputs:
+    if record.dataset is not None:
         from mlflow.exceptions import MlflowException
 
+        inputs = list(dataset_inputs(record.dataset))
         try:
-            client.log_inputs(record.run_id, datasets=list(record.inputs))
+            client.log_inputs(record.run_id, datasets=inputs)
         except MlflowException:
             # Writers of several processes may create the same dataset entity at once; the
             # loser's insert fails (MLflow's get-or-create is not atomic), and now it exists.
             time.sleep(0.5)
-            client.log_inputs(record.run_id, datasets=list(record.inputs))
-    client.set_terminated(record.run_id, record.status, end_time=now)
+            client.log_inputs(record.run_id, datasets=inputs)
+    if record.status is not None:
+        client.set_terminated(record.run_id, record.status, end_time=now)
+
+
+@contextmanager
+def ended(writer: RunWriter, run_id: str) -> Iterator[None]:
+    """``tracked_run`` for a run that ``writer`` writes: ended FINISHED, FAILED (error tagged,
+    traceback logged) or KILLED, whatever leaves the block."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        writer.write(RunRecord(run_id, status="KILLED"))
+        raise
+    except BaseException as exc:
+        writer.write(RunRecord(run_id, status="FAILED", tags={"error": error_line(exc)},
+                               texts={"error/traceback.txt": traceback.format_exc()}))
+        raise
+    else:
+        writer.write(RunRecord(run_id))
 
 
 class RunWriter:
-    """Writes a search's trial runs: created at the trial's start, written in one go at its end.
+    """Does a search's store work: its runs, created at a trial's start and written in one go
+    at its end, and any other request on the store (``call``, ``submit``).
 
     A trial creates its run (``create_run``), fits, and hands the finished run over as one
     ``RunRecord``: params, metrics and tags in one ``log_batch``, the config artifact, the
     dataset inputs and the end, four transactions instead of one per call. This writer
     writes in the calling process, at once; ``ProcessRunWriter`` has the same interface and
-    writes from a process of its own, in parallel with the next fit, when a core is free for
+    does the work in a process of its own, in parallel with the fits, when a core is free for
     it. (A writer thread was measured and bought nothing: MLflow's SQLAlchemy work holds the
     GIL, and the fit slowed as much as the writes were hidden.)
     """
 
     def __init__(self, uri: str) -> None:
-        import mlflow
-
         self.uri = uri
-        self.client = mlflow.MlflowClient(uri)
-        self._context_tags = _context_tags()
+        self._client: Any = None
+        self._context_tags: dict[str, str] | None = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(self.uri)
+        return self._client
+
+    def connect(self, settings: TrackingSettings,
+                meanwhile: Callable[[], None] | None = None) -> str:
+        """``connect(settings)`` where the runs are written; the experiment's id. A writer
+        process connects while this process runs ``meanwhile``."""
+        experiment_id = connect(settings)
+        if meanwhile is not None:
+            meanwhile()
+        return experiment_id
+
+    def warm_up(self) -> None:
+        """Load ahead what logging a model needs, where that costs the trials little (a writer
+        process, between the runs' writes)."""
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(client, *args)`` on the store; its result. ``function`` is a module's
+        function and ``args`` plain data: a writer process receives them through a pipe."""
+        return function(self.client, *args)
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        """``function(client, *args)`` in turn with the writes, while this process goes on
+        (a writer process); its errors come with the next ``flush``. ``args`` may be large
+        (a fitted model)."""
+        function(self.client, *args)
 
     def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
                    parent_run_id: str | None = None,
@@ -375,6 +448,8 @@ class RunWriter:
 
         future: Future[str] = Future()
         try:
+            if self._context_tags is None:
+                self._context_tags = _context_tags()
             run_id = create_run(self.client, self._context_tags, experiment_id, run_name, tags,
                                 parent_run_id, int(time.time() * 1000))
             if on_created is not None:
@@ -397,13 +472,6 @@ class RunWriter:
     def write(self, record: RunRecord) -> None:
         write_record(self.client, record)
 
-    def log_batch(self, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
-        self.client.log_batch(run_id, metrics, [], tags)
-
-    def model_figures(self, run_id: str, *figure_args: Any) -> None:
-        """A model's figures (``expforge.plots.model_figures(*figure_args)``) onto ``run_id``."""
-        _log_model_figures(self.client, run_id, figure_args)
-
     def flush(self) -> None:
         """Wait until everything handed over is written (nothing waits here)."""
 
@@ -425,17 +493,18 @@ def create_run(client: Any, context_tags: Mapping[str, str], experiment_id: str,
 class ProcessRunWriter(RunWriter):
     """A writer process: the store's work runs on another core, in parallel with the fits.
 
-    It overrides every method of ``RunWriter`` (and holds no client of its own).
+    It overrides every method of ``RunWriter`` (and holds no client of its own): the calling
+    process need not load MLflow at all (~1 s of imports and ~1 s to open a store, which the
+    writer does while the caller loads the data).
 
     Start it before this process imports MLflow (it is forked, and no database connection
     may cross a fork). Requests go through a pipe, whose buffer bounds what can be pending;
-    replies (a created run's id, the end of a flush) come back in order through another.
+    replies (a result, the end of a flush) come back in order through another.
     The writer ignores Ctrl-C (the process group's SIGINT: the parent decides) and ends when
     told to, or once the parent is gone and what it sent is written.
     """
 
-    def __init__(self, uri: str, plots: bool = False) -> None:
-        """``plots``: the writer will draw plots (``study_plots``); it loads matplotlib early."""
+    def __init__(self, uri: str) -> None:
         import multiprocessing
         import queue
 
@@ -443,13 +512,13 @@ class ProcessRunWriter(RunWriter):
         receive, self._requests = ctx.Pipe(duplex=False)
         self._replies, send = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=_writer_main,
-                                    args=(uri, receive, send, os.getpid(), plots),
+                                    args=(uri, receive, send, os.getpid()),
                                     name="expforge-writer", daemon=False)
         self._process.start()
         receive.close()
         send.close()
         self.uri = uri
-        self._awaiting: deque[tuple[Any, Callable[[str], None] | None]] = deque()
+        self._awaiting: deque[tuple[Any, Callable[[str], None] | None, str]] = deque()
         self._ends: queue.Queue[tuple[str, str]] = queue.Queue()
         self._closed = False
         # Replies are received as they come, so a trial is linked to its run (on_created)
@@ -457,50 +526,43 @@ class ProcessRunWriter(RunWriter):
         threading.Thread(target=self._receive, name="expforge-writer-replies",
                          daemon=True).start()
 
-    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
-                   parent_run_id: str | None = None,
-                   on_created: Callable[[str], None] | None = None) -> Any:
-        """A future of the run's id; ``on_created(run_id)`` runs before it is set."""
-        from concurrent.futures import Future
+    def connect(self, settings: TrackingSettings,
+                meanwhile: Callable[[], None] | None = None) -> str:
+        future = self._ask("connect", settings, "opening the store")
+        if meanwhile is not None:
+            meanwhile()
+        return str(self._result(future, "opening the store"))
 
-        future: Future[str] = Future()
-        self._awaiting.append((future, on_created))
-        self._send(("create", (experiment_id, run_name, dict(tags), parent_run_id,
-                               int(time.time() * 1000))))
-        return future
+    def warm_up(self) -> None:
+        self._send(("warm", None))
 
-    def write(self, record: RunRecord) -> None:
-        self._send(("record", record))
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        return self._request("call", (function, args), "a request to the store")
 
-    def log_batch(self, run_id: str, metrics: list[Any], tags: list[Any]) -> None:
-        self._send(("batch", (run_id, metrics, [], tags)))
-
-    def open_store(self) -> None:
-        """Call once the store exists (``connect``): the writer opens its connection now,
-        not at the first trial. Opening a new store in two processes at once would run its
-        schema migrations twice."""
-        self._send(("open", None))
-
-    def model_figures(self, run_id: str, *figure_args: Any) -> None:
-        """Draw a model's figures in the writer. The model and the validation split's labels
-        and predictions go through a private temporary file, not the pipe: a message bigger
-        than the pipe's buffer would hold this process until the writer reads it."""
+    def submit(self, function: Callable[..., Any], *args: Any) -> None:
+        """Through a private temporary file, not the pipe: a message bigger than the pipe's
+        buffer would hold this process until the writer reads it."""
         import pickle
         import tempfile
 
-        fd, path = tempfile.mkstemp(prefix="expforge-figures-", suffix=".pkl")  # mode 0600
+        fd, path = tempfile.mkstemp(prefix="expforge-request-", suffix=".pkl")  # mode 0600
         try:
             with os.fdopen(fd, "wb") as f:
-                pickle.dump(figure_args, f, protocol=pickle.HIGHEST_PROTOCOL)
-            self._send(("figures", (run_id, path)))
+                pickle.dump((function, args), f, protocol=pickle.HIGHEST_PROTOCOL)
+            self._send(("submit", path))
         except BaseException:  # not handed over (the writer deletes it once read)
             os.unlink(path)
             raise
 
-    def study_plots(self, storage: str, study_name: str, run_id: str, target_name: str,
-                    multi_objective: bool) -> None:
-        """Draw the study's plots onto ``run_id`` in the writer, while this process goes on."""
-        self._send(("plots", (storage, study_name, run_id, target_name, multi_objective)))
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                   parent_run_id: str | None = None,
+                   on_created: Callable[[str], None] | None = None) -> Any:
+        """A future of the run's id; ``on_created(run_id)`` runs before it is set."""
+        return self._ask("create", (experiment_id, run_name, dict(tags), parent_run_id,
+                                    int(time.time() * 1000)), "creating a run", on_created)
+
+    def write(self, record: RunRecord) -> None:
+        self._send(("record", record))
 
     def flush(self) -> None:
         self._send(("flush", None))
@@ -516,6 +578,34 @@ class ProcessRunWriter(RunWriter):
         finally:
             self._requests.close()
             self._process.join(timeout=60)
+
+    def _ask(self, kind: str, payload: Any, what: str,
+             on_created: Callable[[str], None] | None = None) -> Any:
+        """Send a request that the writer answers with a value; a future of the value."""
+        from concurrent.futures import Future
+
+        future: Future[Any] = Future()
+        self._awaiting.append((future, on_created, what))
+        try:
+            self._send((kind, payload))
+        except BaseException:
+            self._awaiting.remove((future, on_created, what))
+            raise
+        return future
+
+    def _request(self, kind: str, payload: Any, what: str) -> Any:
+        return self._result(self._ask(kind, payload, what), what)
+
+    def _result(self, future: Any, what: str) -> Any:
+        try:
+            return future.result()
+        except TrackingError:
+            raise
+        except ExpforgeError as exc:
+            raise exc from None  # a one-line error of ours, raised in the writer
+        except Exception as exc:
+            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: {what} failed: "
+                                f"{error_line(exc)}") from exc
 
     def _send(self, message: Any) -> None:
         if not self._process.is_alive():
@@ -542,19 +632,21 @@ class ProcessRunWriter(RunWriter):
             try:
                 kind, value, error = self._replies.recv()
             except (EOFError, OSError):
-                for future, _ in self._awaiting:
+                for future, _, _ in self._awaiting:
                     if not future.done():
                         future.set_exception(self._ended())
                 self._ends.put(("ended", ""))
                 return
-            if kind != "created":
+            if kind != "value":
                 self._ends.put((kind, error))
                 continue
-            future, on_created = self._awaiting.popleft()
+            future, on_created, what = self._awaiting.popleft()
             try:
+                if isinstance(error, BaseException):
+                    raise error
                 if error:
                     raise TrackingError(
-                        f"tracking.uri={mask_uri(self.uri)}: creating a run failed: {error}")
+                        f"tracking.uri={mask_uri(self.uri)}: {what} failed: {error}")
                 if on_created is not None:
                     on_created(value)
                 future.set_result(value)
@@ -566,25 +658,22 @@ class ProcessRunWriter(RunWriter):
                              f"ended (exit code {self._process.exitcode})")
 
 
-def _writer_main(uri: str, requests: Any, replies: Any, parent: int, plots: bool) -> None:
-    """The writer process: write what arrives until told to stop or the parent is gone."""
+def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
+    """The writer process: do what arrives, in order, until told to stop or the parent is
+    gone."""
     import pickle
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import mlflow
 
-    client: Any = None  # created on "open": a new store must be created by the parent alone
+    mlflow.set_tracking_uri(uri)  # for logging a model into a run (see attach_model)
+    client: Any = None  # created once the store exists ("connect"; or the parent made it)
     context = _context_tags()
     error = ""
-    # Loaded before a request needs them: the store's code (~1 s of imports, which the first
-    # trial would otherwise wait for), and on a thread, so that runs are still created
-    # meanwhile, what the plots need (~1.4 s).
+    # Loaded before a request needs it: the store's code (~1 s of imports, which the first
+    # request would otherwise wait for).
     load_store_code(uri)
-    if plots:
-        from expforge.plots import prepare
-
-        threading.Thread(target=prepare, name="expforge-writer-preload", daemon=True).start()
     while True:
         if not requests.poll(1.0):
             if os.getppid() != parent:
@@ -597,50 +686,89 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int, plots: bool
         if message is None:
             break
         kind, payload = message
+        if kind == "connect":
+            try:
+                value: Any = connect(payload)
+                client = mlflow.MlflowClient(uri)
+            except Exception as exc:
+                replies.send(("value", None, _portable(exc)))
+            else:
+                replies.send(("value", value, ""))
+            continue
         if client is None:
             client = mlflow.MlflowClient(uri)
-        if kind == "create":
+        if kind in ("create", "call"):
             try:
-                replies.send(("created", create_run(client, context, *payload), ""))
+                if kind == "create":
+                    value = create_run(client, context, *payload)
+                else:
+                    function, args = payload
+                    value = function(client, *args)
             except Exception as exc:
-                replies.send(("created", None, error_line(exc)))
-            continue
-        if kind == "open":  # the parent has created the store: open it before the trials
-            with contextlib.suppress(Exception):
-                client.search_experiments(max_results=1)
+                replies.send(("value", None, _portable(exc)))
+            else:
+                replies.send(("value", value, ""))
             continue
         if kind == "flush":
             replies.send(("flushed", None, error))
             error = ""
             continue
+        if kind == "warm":  # on a thread: a request that comes meanwhile waits only for
+            # what it needs itself. Each time a request's database call returns, it waits for
+            # the thread to hand the GIL back: after 1 ms instead of Python's 5.
+            sys.setswitchinterval(0.001)
+            threading.Thread(target=_warm_up, name="expforge-warm-up",
+                             daemon=True).start()
+            continue
         try:
             if kind == "record":
                 write_record(client, payload)
-            elif kind == "plots":
-                from expforge.plots import log_study_plots
-
-                log_study_plots(client, *payload)
-            elif kind == "figures":
-                run_id, path = payload
+            elif kind == "submit":
                 try:
-                    with open(path, "rb") as f:
-                        figure_args = pickle.load(f)  # written by the parent (0600)
+                    with open(payload, "rb") as f:
+                        function, args = pickle.load(f)  # written by the parent (0600)
                 finally:
-                    os.unlink(path)
-                _log_model_figures(client, run_id, figure_args)
-            else:
-                client.log_batch(*payload)
+                    os.unlink(payload)
+                function(client, *args)
         except Exception as exc:
             error = error or error_line(exc)
     with contextlib.suppress(OSError):
         replies.send(("closed", None, error))
 
 
-def _log_model_figures(client: Any, run_id: str, figure_args: tuple[Any, ...]) -> None:
-    from expforge.plots import model_figures
+def _portable(exc: Exception) -> Any:
+    """An error to send back: our own one-line errors as they are, others as a line."""
+    return exc if isinstance(exc, ExpforgeError) else error_line(exc)
 
-    for path, fig in model_figures(*figure_args).items():
-        client.log_figure(run_id, fig, path)
+
+def _warm_up() -> None:
+    """MLflow's model logging, loaded ahead: its sklearn flavor, and the map of every
+    installed module to its package that its first call builds (~0.3 s). Not the model's
+    own classes (~1 s for scikit-learn's ensembles, to unpickle it): loaded during the
+    trials, they slowed the runs' writes more than they saved at the end, where the writer
+    loads them while this process draws the plots."""
+    with contextlib.suppress(Exception):  # a private cache of MLflow's; only a warm-up
+        import mlflow.sklearn  # noqa: F401
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_packages_to_modules_map()
+
+
+def log_files(client: Any, run_id: str, folder: str) -> None:
+    """The files under ``folder`` as the run's artifacts (same relative paths); the folder is
+    removed (``expforge.plots.save_figures`` made it for this)."""
+    import shutil
+
+    try:
+        client.log_artifacts(run_id, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def attach_model(client: Any, run_id: str, model: Any, input_example: Any) -> None:
+    """Log a fitted model into the ended run ``run_id``; meant for ``RunWriter.submit``."""
+    with tracked_run("", run_id=run_id):
+        log_model(model, input_example)
 
 
 def load_store_code(uri: str) -> None:
@@ -691,38 +819,46 @@ def log_figures(figures: Mapping[str, Any]) -> None:
         mlflow.log_figure(fig, path)
 
 
+_DESCRIPTIONS: dict[tuple[str, str, str], DatasetDescription] = {}
 _DATASET_ENTITIES: dict[tuple[str, str, str], tuple[Any, ...]] = {}
 
 
-def dataset_inputs(dataset: Any) -> tuple[Any, ...]:
-    """MLflow dataset inputs (train/val/test with digest, source, schema) of a dataset,
-    built once per loaded dataset."""
+def describe_dataset(dataset: Any) -> DatasetDescription:
+    """A loaded dataset as its runs' inputs record it; built once per dataset."""
     key = (dataset.name, dataset.source, dataset.digest)
-    if key not in _DATASET_ENTITIES:
-        _DATASET_ENTITIES[key] = _build_dataset_entities(dataset)
-    return _DATASET_ENTITIES[key]
+    if key not in _DESCRIPTIONS:
+        sample = dataset.train.X.head(100).assign(**{dataset.target: dataset.train.y.head(100)})
+        splits = tuple((name, len(split.X), int(split.X.size + len(split.y)))
+                       for name, split in dataset.splits.items())
+        _DESCRIPTIONS[key] = DatasetDescription(*key, sample=sample, splits=splits)
+    return _DESCRIPTIONS[key]
 
 
-def _build_dataset_entities(dataset: Any) -> tuple[Any, ...]:
+def dataset_inputs(description: DatasetDescription) -> tuple[Any, ...]:
+    """MLflow dataset inputs (train/val/test with digest, source, schema); built once per
+    dataset."""
+    if description.key not in _DATASET_ENTITIES:
+        _DATASET_ENTITIES[description.key] = _build_dataset_entities(description)
+    return _DATASET_ENTITIES[description.key]
+
+
+def _build_dataset_entities(description: DatasetDescription) -> tuple[Any, ...]:
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.types.utils import _infer_schema
 
-    sample = dataset.train.X.head(100).assign(**{dataset.target: dataset.train.y.head(100)})
     with warnings.catch_warnings():  # MLflow's hint about integer columns is for model inputs
         warnings.simplefilter("ignore")
-        schema = json.dumps({"mlflow_colspec": _infer_schema(sample).to_dict()})
-    source_type = "local" if "/" in dataset.source else "code"
+        schema = json.dumps({"mlflow_colspec": _infer_schema(description.sample).to_dict()})
+    source_type = "local" if "/" in description.source else "code"
     inputs = []
-    for split_name, split in dataset.splits.items():
-        profile = json.dumps({"num_rows": len(split.X),
-                              "num_elements": int(split.X.size + len(split.y))})
+    for split_name, rows, elements in description.splits:
         entity = Dataset(
-            name=f"{dataset.name}-{split_name}",
-            digest=f"{dataset.digest}-{split_name}"[:36],
+            name=f"{description.name}-{split_name}",
+            digest=f"{description.digest}-{split_name}"[:36],
             source_type=source_type,
-            source=json.dumps({"uri": dataset.source}),
+            source=json.dumps({"uri": description.source}),
             schema=schema,
-            profile=profile,
+            profile=json.dumps({"num_rows": rows, "num_elements": elements}),
         )
         inputs.append(DatasetInput(entity, tags=[InputTag("mlflow.data.context", split_name)]))
     return tuple(inputs)
@@ -732,7 +868,8 @@ def log_datasets(run_id: str, dataset: Any) -> None:
     """Record train/val/test as the run's dataset inputs, with digest and source."""
     import mlflow
 
-    mlflow.MlflowClient().log_inputs(run_id, datasets=list(dataset_inputs(dataset)))
+    mlflow.MlflowClient().log_inputs(run_id, datasets=list(dataset_inputs(
+        describe_dataset(dataset))))
 
 
 def log_model(model: Any, input_example: Any, name: str = "model") -> Any:
