@@ -341,9 +341,10 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
     try:
         from expforge.plots import prepare
 
-        # This process loads the plots' code while the writer opens the store.
-        plots = settings.plots or job.tracking.log_plots
-        job.experiment_id = store.connect(job.tracking, meanwhile=prepare if plots else None)
+        # This process loads the plots' code while a writer process opens the store.
+        plots = settings.plots or (settings.log_models == "best" and job.tracking.log_plots)
+        early = plots and isinstance(store, ProcessRunWriter)
+        job.experiment_id = store.connect(job.tracking, meanwhile=prepare if early else None)
         if settings.log_models == "best" and not settings.multi_objective:
             store.warm_up()
         study = _open_study(settings, job.params, 0, job.tracking)
