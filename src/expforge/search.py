@@ -1010,6 +1010,10 @@ def _finish(job: _Job, study: Any, parent_id: str, objective: _Objective | None)
     settings = job.settings
     writer = job.writer
     assert writer is not None
+    # Runs of processes killed during the study (another machine's heartbeat may have failed
+    # their trials before they were linked to their runs): written or ended, not RUNNING.
+    with contextlib.suppress(Exception):
+        _reap_orphans(study, job)
     counts = _counts(study)
     logged = objective is not None and objective.flush_best()
     if not logged:

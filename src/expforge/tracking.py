@@ -697,6 +697,8 @@ def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
             continue
         if client is None:
             client = mlflow.MlflowClient(uri)
+        if kind == "create" and os.getppid() != parent:
+            continue  # killed meanwhile: nobody would write or end the run
         if kind in ("create", "call"):
             try:
                 if kind == "create":
