@@ -34,8 +34,8 @@ from expforge.tracking import (
 )
 
 __all__ = [
-    "Objective", "RunContext", "RunResult", "attach_model", "fit", "fitted_model", "objective_of",
-    "record_of", "run_one", "submit_figures",
+    "Objective", "RunContext", "RunResult", "attach_model", "config_texts", "fit", "fitted_model",
+    "objective_of", "record_of", "run_one", "submit_figures",
 ]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
@@ -172,7 +172,7 @@ def run_one(
             if on_start is not None:
                 on_start(run_id)
             log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
-            for path, text in _config_texts(masked, context).items():
+            for path, text in config_texts(masked, context).items():
                 mlflow.log_text(text, path)
             log_datasets(run_id, dataset)
             fit_time = fit(model, dataset, plain["model"], reporter)
@@ -206,10 +206,10 @@ def record_of(plain: Mapping[str, Any], context: RunContext, dataset: Dataset) -
     """A run's record before its work: params, config artifacts and dataset inputs."""
     masked = config_mod.mask_secrets(plain)
     return RunRecord("", params=config_mod.param_values(masked, exclude=_UNLOGGED),
-                     texts=_config_texts(masked, context), dataset=describe_dataset(dataset))
+                     texts=config_texts(masked, context), dataset=describe_dataset(dataset))
 
 
-def _config_texts(masked: Mapping[str, Any], context: RunContext) -> dict[str, str]:
+def config_texts(masked: Mapping[str, Any], context: RunContext) -> dict[str, str]:
     """The resolved config and the command line's overrides, as artifact texts."""
     texts = {"config.yaml": config_mod.to_yaml(masked)}
     if context.overrides:

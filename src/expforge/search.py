@@ -36,6 +36,7 @@ from expforge.runner import (
     Objective,
     RunContext,
     attach_model,
+    config_texts,
     fitted_model,
     objective_of,
     record_of,
@@ -213,7 +214,8 @@ def run_search(
     # database connections, which must never cross a fork.
     fork = "mlflow" not in sys.modules
     # Started first: it loads MLflow and opens the store while this process loads the data.
-    writer = _writer_process(plain) if fork else None
+    # Otherwise each process writes its own runs (its client is made where it is used).
+    writer = (_writer_process(plain) if fork else None) or RunWriter(tracking.uri)
     try:
         dataset = load_data(plain["data"], int(plain["seed"]), root)
         settings = settings_of(plain, dataset.task)
@@ -221,11 +223,10 @@ def run_search(
         _sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
         _pruner(settings)
     except BaseException:
-        if writer is not None:
-            writer.close()
+        writer.close()
         raise
-    job = _Job(plain, context, dataset, settings, params, tracking,
-               sweep_parent_run_id=sweep_parent_run_id, writer=writer)
+    job = _Job(plain, context, dataset, settings, params, tracking, writer,
+               sweep_parent_run_id=sweep_parent_run_id)
     try:
         if settings.n_workers == 1:
             return _coordinate(job, [])
@@ -234,8 +235,7 @@ def run_search(
         workers = _start_workers(job, fork)
         return _coordinate(job, workers)
     finally:
-        if job.writer is not None:
-            job.writer.close()
+        job.writer.close()
 
 
 def _writer_process(plain: Mapping[str, Any]) -> RunWriter | None:
@@ -250,7 +250,7 @@ def _writer_process(plain: Mapping[str, Any]) -> RunWriter | None:
 
 @dataclass
 class _Job:
-    """Everything a worker needs; inherited by forked workers, never pickled."""
+    """Everything a worker needs; inherited by forked workers, sent to spawned ones."""
 
     plain: Mapping[str, Any]
     context: RunContext
@@ -258,10 +258,10 @@ class _Job:
     settings: SearchSettings
     params: list[Param]
     tracking: TrackingSettings
+    writer: RunWriter  # a writer process (see _writer_process), or this process's own
     parent_run_id: str = ""
     experiment_id: str = ""
     sweep_parent_run_id: str | None = None
-    writer: RunWriter | None = None  # a writer process (see _writer_process), or in-process
 
 
 @dataclass
@@ -312,7 +312,6 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     # OpenMP pools (hgb, numpy) get the worker's share of the cores, like model.n_jobs does.
     threadpool_limits(limits=max(1, (os.cpu_count() or 1) // job.settings.n_workers))
     try:
-        job.writer = RunWriter(job.tracking.uri)
         job.writer.connect(job.tracking)
         study = _open_study(job.settings, job.params, index, job.tracking)
         objective = _optimize(job, study, index, progress=None)
@@ -335,8 +334,6 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
     request goes through ``job.writer``."""
     settings = job.settings
     released = False
-    if job.writer is None:  # parallel workers write their own runs; this is the coordinator's
-        job.writer = RunWriter(job.tracking.uri)
     store = job.writer
     try:
         from expforge.plots import prepare
@@ -383,7 +380,6 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     settings = job.settings
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
     writer = job.writer
-    assert writer is not None, "set by _coordinate or _worker_main"
     objective = _Objective(job, study, index, writer)
     callbacks = [_update_parent(job, writer), _report_failure]
     if progress is not None:
@@ -799,7 +795,7 @@ def _reap_orphans(study: Any, job: _Job, pid: int | None = None, rewrite: bool =
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if not _left_by(t, pid):
             continue
-        if _set_failed(study, t) and not rewrite and job.writer is not None:
+        if _set_failed(study, t) and not rewrite:
             _end_trial_run(job.writer, t, "KILLED")
     if rewrite:
         _repair_runs(study, job, pid)
@@ -825,7 +821,6 @@ def _repair_runs(study: Any, job: _Job, pid: int | None = None) -> None:
     ``_left_by``)."""
     from optuna.trial import TrialState
 
-    assert job.writer is not None
     by_number = job.writer.call(_running_trial_runs, job.experiment_id,
                                 job.settings.study_name)
     if not by_number:
@@ -861,7 +856,6 @@ def _rewrite_run(job: _Job, trial: Any, run_id: str) -> None:
                       job.dataset)
     whole.run_id, whole.status, whole.tags = run_id, end.status, end.tags
     whole.metrics = dict(trial.user_attrs.get(_METRICS_ATTR) or {})
-    assert job.writer is not None
     with contextlib.suppress(Exception):  # the run is gone, or another process wrote it
         job.writer.call(_rewrite_in_store, whole, end)
 
@@ -923,7 +917,6 @@ def _parent_run(job: _Job, study: Any) -> tuple[str, bool]:
         **{k: v for k, v in job.context.choices.items() if k in ("model", "data", "search")},
         **job.tracking.tags,
     }
-    assert job.writer is not None
     run_id, resumed = job.writer.call(_parent_in_store, job.experiment_id,
                                       study.user_attrs.get(_PARENT_ATTR), settings.study_name,
                                       tags)
@@ -958,14 +951,10 @@ def _parent_in_store(client: Any, experiment_id: str, existing: str | None, stud
 
 
 def _log_parent_config(job: _Job) -> None:
-    assert job.writer is not None
     masked = config_mod.mask_secrets(dict(job.plain))
-    texts = {"config.yaml": config_mod.to_yaml(masked)}
-    if job.context.overrides:
-        texts["overrides.yaml"] = config_mod.to_yaml(
-            config_mod.mask_overrides(job.context.overrides))
-    job.writer.write(RunRecord(job.parent_run_id, status=None, texts=texts,
-                               params=config_mod.param_values(masked, exclude=("hydra",))))
+    job.writer.write(RunRecord(job.parent_run_id, status=None,
+                               params=config_mod.param_values(masked, exclude=("hydra",)),
+                               texts=config_texts(masked, job.context)))
 
 
 def _report_failure(study: Any, trial: Any) -> None:
@@ -1009,7 +998,6 @@ def _finish(job: _Job, study: Any, parent_id: str, objective: _Objective | None)
 
     settings = job.settings
     writer = job.writer
-    assert writer is not None
     # Runs of processes killed during the study (another machine's heartbeat may have failed
     # their trials before they were linked to their runs): written or ended, not RUNNING.
     with contextlib.suppress(Exception):
@@ -1045,7 +1033,6 @@ def _log_lost_best_model(job: _Job, study: Any) -> None:
     except ValueError:
         return  # no complete trial
     run_id = best.user_attrs.get(_RUN_ATTR)
-    assert job.writer is not None
     if not run_id or job.writer.call(_has_model, job.experiment_id, run_id):
         return
     model = fitted_model(_trial_config(job, best.number, best.params), job.dataset)

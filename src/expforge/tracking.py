@@ -459,14 +459,15 @@ class RunWriter:
             future.set_exception(exc)
         return future
 
-    def wait(self, future: Any) -> Any:
-        """The run id of ``create_run``; its error as a ``TrackingError``."""
+    def wait(self, future: Any, what: str = "creating a run") -> Any:
+        """The value of a future (the run id of ``create_run``); its error as one of ours,
+        other errors as a ``TrackingError`` that says ``what`` failed."""
         try:
             return future.result()
+        except ExpforgeError:
+            raise
         except Exception as exc:
-            if isinstance(exc, TrackingError):
-                raise
-            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: creating a run failed: "
+            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: {what} failed: "
                                 f"{error_line(exc)}") from exc
 
     def write(self, record: RunRecord) -> None:
@@ -531,13 +532,14 @@ class ProcessRunWriter(RunWriter):
         future = self._ask("connect", settings, "opening the store")
         if meanwhile is not None:
             meanwhile()
-        return str(self._result(future, "opening the store"))
+        return str(self.wait(future, "opening the store"))
 
     def warm_up(self) -> None:
         self._send(("warm", None))
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
-        return self._request("call", (function, args), "a request to the store")
+        what = "a request to the store"
+        return self.wait(self._ask("call", (function, args), what), what)
 
     def submit(self, function: Callable[..., Any], *args: Any) -> None:
         """Through a private temporary file, not the pipe: a message bigger than the pipe's
@@ -592,20 +594,6 @@ class ProcessRunWriter(RunWriter):
             self._awaiting.remove((future, on_created, what))
             raise
         return future
-
-    def _request(self, kind: str, payload: Any, what: str) -> Any:
-        return self._result(self._ask(kind, payload, what), what)
-
-    def _result(self, future: Any, what: str) -> Any:
-        try:
-            return future.result()
-        except TrackingError:
-            raise
-        except ExpforgeError as exc:
-            raise exc from None  # a one-line error of ours, raised in the writer
-        except Exception as exc:
-            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: {what} failed: "
-                                f"{error_line(exc)}") from exc
 
     def _send(self, message: Any) -> None:
         if not self._process.is_alive():
