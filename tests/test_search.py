@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 
 from expforge.errors import SearchError
 from expforge.runner import RunContext
@@ -61,6 +62,9 @@ def test_study_layout_parent_children_best_model(plain, store, tmp_path: Path) -
         assert run.data.params["model.max_depth"] == str(trial.params["model.max_depth"])
         assert run.data.metrics["val_rmse"] == pytest.approx(trial.value)
     best_run = by_number[study.best_trial.number]
+    local = c.download_artifacts(best_run.info.run_id, "config.yaml", str(tmp_path))
+    config = yaml.safe_load(Path(local).read_text())
+    assert config["model"]["max_depth"] == study.best_trial.params["model.max_depth"]
     logged = c.search_logged_models(experiment_ids=[exp.experiment_id],
                                     filter_string=f"source_run_id = '{best_run.info.run_id}'")
     assert len(logged) == 1
