@@ -231,12 +231,71 @@ def test_two_spawned_workers_where_mlflow_is_loaded(plain, store, tmp_path: Path
 
 
 def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
-    done = subprocess.run(_cli(tmp_path, *FAST_RF, "search.n_trials=7", "search.n_workers=2"),
+    """Two forked workers write their runs through the search's writer process: the
+    command's own process never loads MLflow, and every run is whole."""
+    command = _cli(tmp_path, *FAST_RF, "search.n_trials=7", "search.n_workers=2")
+    done = subprocess.run([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "mlflow loaded here: False" in done.stdout, done.stdout[-2000:]
     _assert_budget_exact(tmp_path, 7)
     study = load(tmp_path / "s.journal", "cli")
     assert len({t.user_attrs["expforge.pid"] for t in study.trials}) == 2
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    for trial in study.trials:
+        run = c.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["val_rmse"] == pytest.approx(trial.value)
+        assert run.data.params["model.max_depth"] == str(trial.params["model.max_depth"])
+        assert "config.yaml" in {a.path for a in c.list_artifacts(run.info.run_id)}
+        assert len(run.inputs.dataset_inputs) == 3
+    parent = c.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 7
+    best = study.best_trial.user_attrs["mlflow_run_id"]
+    assert c.search_logged_models(experiment_ids=[parent.info.experiment_id],
+                                  filter_string=f"source_run_id = '{best}'")
+
+
+def test_a_worker_killed_mid_trial_leaves_no_run_behind(tmp_path: Path) -> None:
+    """SIGKILL of one of two workers: the other finishes the budget, the killed trial's run
+    ends KILLED, and what the dead worker had handed to the writer is written."""
+    # Trials of ~1 s, so that the kill lands in one of them.
+    args = _cli(tmp_path, "model=rf", "search_space.model.n_estimators.low=800",
+                "search_space.model.n_estimators.high=1000", "search.n_trials=5",
+                "search.n_workers=2", "search.plots=false")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "s.journal"
+    victim = None
+    deadline = time.time() + 120
+    while victim is None and time.time() < deadline:
+        time.sleep(0.2)
+        try:
+            trials = load(journal, "cli").trials if journal.exists() else []
+        except KeyError:  # the file exists, the study not yet
+            continue
+        finished = {t.user_attrs.get("expforge.pid") for t in trials if t.state.is_finished()}
+        running = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING
+                   and t.user_attrs.get("expforge.pid") in finished]
+        if running:  # a worker that has handed runs over, now in its next fit
+            victim = running[0]
+    assert victim is not None
+    os.kill(victim.user_attrs["expforge.pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    _assert_budget_exact(tmp_path, 5)
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    study = load(journal, "cli")
+    exp_id = c.get_experiment_by_name("expforge").experiment_id
+    runs = {int(r.data.tags["optuna.trial_number"]): r
+            for r in children(c, exp_id, study.user_attrs["mlflow_parent_run_id"])}
+    assert study.trials[victim.number].state == optuna.trial.TrialState.FAIL
+    # Its run exists where the writer had created it before the kill (its id may not have
+    # reached the trial).
+    assert runs.get(victim.number) is None or runs[victim.number].info.status == "KILLED"
+    for trial in study.trials:
+        if trial.number != victim.number:
+            assert runs[trial.number].info.status == "FINISHED"
+            assert runs[trial.number].data.metrics["val_rmse"] == pytest.approx(trial.value)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

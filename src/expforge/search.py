@@ -230,7 +230,9 @@ def run_search(
     try:
         if settings.n_workers == 1:
             return _coordinate(job, [])
-        if fork:  # the workers inherit MLflow's code instead of each loading it (~1.5 s)
+        if fork and not isinstance(writer, ProcessRunWriter):
+            # The workers write their own runs: they inherit MLflow's code instead of each
+            # loading it (~1.5 s).
             load_store_code(tracking.uri)
         workers = _start_workers(job, fork)
         return _coordinate(job, workers)
@@ -239,13 +241,16 @@ def run_search(
 
 
 def _writer_process(plain: Mapping[str, Any]) -> RunWriter | None:
-    """One worker and a spare core: the store's work is done by a process of its own, forked
-    before this process loads MLflow, which it then never does (~2 s of imports and opening
-    the store, done by the writer while this process loads the data). With parallel
-    workers, which use the cores themselves, each worker writes its own runs."""
-    if plain["search"].get("n_workers", 1) != 1 or (os.cpu_count() or 1) < 2:
+    """With two cores or more, the store's work is done by a process of its own, forked
+    before this process loads MLflow, which then no process of the search does (~2 s of
+    imports and opening the store, done by the writer while this process loads the data).
+    Forked workers are its clients too: they fork sooner (MLflow's code is not loaded
+    first) and write their runs through it, with no store of their own to open."""
+    if (os.cpu_count() or 1) < 2:
         return None
-    return ProcessRunWriter(str(plain["tracking"]["uri"]))
+    n_workers = _positive_int("search.n_workers", plain["search"].get("n_workers", 1))
+    return ProcessRunWriter(str(plain["tracking"]["uri"]),
+                            clients=1 + n_workers if n_workers > 1 else 1)
 
 
 @dataclass
@@ -286,6 +291,7 @@ def _start_workers(job: _Job, fork: bool) -> list[_Worker]:
         process.start()
         receive.close()
         workers.append(_Worker(process, send))
+    job.writer.clients_started()
     return workers
 
 
@@ -293,11 +299,15 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     """A forked worker: wait for the parent run, then take trials until the budget is spent."""
     import sys
 
-    # A spawned worker loads MLflow's code (~1.5 s) while the coordinator opens the store and
-    # the parent run; a forked one has it already. (A writer process per worker was measured:
-    # with two workers on two cores, its start-up cost more than it saved.)
+    # Forked workers write through the search's writer process, each as a client of its own.
+    # Otherwise a worker writes its own runs: a spawned one loads MLflow's code (~1.5 s)
+    # while the coordinator opens the store and the parent run; a forked one has it already.
+    # (A writer process per worker was measured: with two workers on two cores, its
+    # start-up cost more than it saved.)
+    job.writer = job.writer.for_client(index + 1)
     try:
-        load_store_code(job.tracking.uri)
+        if not isinstance(job.writer, ProcessRunWriter):
+            load_store_code(job.tracking.uri)
         message = channel.recv()
     except (EOFError, KeyboardInterrupt):
         sys.exit(1)

@@ -7,10 +7,12 @@ left RUNNING; the ``log_*`` helpers batch what a run records.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -453,6 +455,14 @@ class RunWriter:
             meanwhile()
         return experiment_id
 
+    def for_client(self, client: int) -> RunWriter:
+        """The writer for a process forked from this one (parallel worker ``client``, from
+        1): here, its own, which connects when it is first used."""
+        return RunWriter(self.uri)
+
+    def clients_started(self) -> None:
+        """Every process that takes a client (``for_client``) has been forked."""
+
     def warm_up(self) -> None:
         """Load ahead what logging a model needs, where that costs the trials little (a writer
         process, between the runs' writes)."""
@@ -529,33 +539,67 @@ class ProcessRunWriter(RunWriter):
     writer does while the caller loads the data).
 
     Start it before this process imports MLflow (it is forked, and no database connection
-    may cross a fork). Requests go through a pipe, whose buffer bounds what can be pending;
-    replies (a result, the end of a flush) come back in order through another.
-    The writer ignores Ctrl-C (the process group's SIGINT: the parent decides) and ends when
-    told to, or once the parent is gone and what it sent is written.
+    may cross a fork). Each of its ``clients`` has a pipe for its requests, whose buffer
+    bounds what can be pending, and one for the replies (a result, the end of a flush),
+    which come back in order. Client 0 is this process; a process forked from it later (a
+    parallel worker) takes another with ``for_client``. The writer ignores Ctrl-C (the
+    process group's SIGINT: the parent decides) and ends when client 0 tells it to, or once
+    every client is gone and what they sent is written.
     """
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, clients: int = 1) -> None:
         import multiprocessing
-        import queue
 
         ctx = multiprocessing.get_context("fork")
-        receive, self._requests = ctx.Pipe(duplex=False)
-        self._replies, send = ctx.Pipe(duplex=False)
-        self._process = ctx.Process(target=_writer_main,
-                                    args=(uri, receive, send, os.getpid()),
-                                    name="expforge-writer", daemon=False)
+        requests = [ctx.Pipe(duplex=False) for _ in range(clients)]  # (writer's, client's)
+        replies = [ctx.Pipe(duplex=False) for _ in range(clients)]  # (client's, writer's)
+        # The clients' ends, per client; the writer's own ends go to the writer.
+        self._clients = [(send, receive)
+                         for (_, send), (receive, _) in zip(requests, replies, strict=True)]
+        self._process = ctx.Process(
+            target=_writer_main,
+            args=(uri, [r for r, _ in requests], [s for _, s in replies], os.getpid(),
+                  self._clients),
+            name="expforge-writer", daemon=False)
         self._process.start()
-        receive.close()
-        send.close()
+        for (receive, _), (_, send) in zip(requests, replies, strict=True):
+            receive.close()
+            send.close()
         self.uri = uri
+        self._pid = self._process.pid
+        self._attach(0)
+
+    def for_client(self, client: int) -> RunWriter:
+        """This writer for client ``client``, in a process forked from client 0 (a worker):
+        its own pipes; the other clients' ends are closed here, so that the writer sees
+        each client end when its process does."""
+        writer = object.__new__(ProcessRunWriter)
+        writer.uri, writer._process, writer._pid = self.uri, None, self._pid
+        writer._clients = self._clients
+        writer._attach(client)
+        return writer
+
+    def clients_started(self) -> None:
+        self._keep_only(self._client)
+
+    def _attach(self, client: int) -> None:
+        self._client = client
+        self._requests, self._replies = self._clients[client]
         self._awaiting: deque[tuple[Any, Callable[[str], None] | None, str]] = deque()
         self._ends: queue.Queue[tuple[str, str]] = queue.Queue()
         self._closed = False
+        if client != 0:
+            self._keep_only(client)
         # Replies are received as they come, so a trial is linked to its run (on_created)
         # as soon as the run exists, also while the trial is still fitting.
         threading.Thread(target=self._receive, name="expforge-writer-replies",
                          daemon=True).start()
+
+    def _keep_only(self, client: int) -> None:
+        for index, ends in enumerate(self._clients):
+            if index != client:
+                for end in ends:
+                    end.close()
 
     def connect(self, settings: TrackingSettings,
                 meanwhile: Callable[[], None] | None = None) -> str:
@@ -601,9 +645,13 @@ class ProcessRunWriter(RunWriter):
         self._end("flushed")
 
     def close(self) -> None:
+        """Client 0: flush and end the writer. Another client: flush."""
         if self._closed:
             return
         self._closed = True
+        if self._client != 0:
+            self.flush()
+            return
         try:
             self._send(None)
             self._end("closed")
@@ -626,9 +674,12 @@ class ProcessRunWriter(RunWriter):
         return future
 
     def _send(self, message: Any) -> None:
-        if not self._process.is_alive():
+        if self._process is not None and not self._process.is_alive():
             raise self._ended()
-        self._requests.send(message)
+        try:
+            self._requests.send(message)
+        except (BrokenPipeError, ConnectionResetError) as exc:  # the writer is gone
+            raise self._ended() from exc
 
     def _end(self, expected: str) -> None:
         """Wait for the reply ``expected``. Replies to earlier requests whose wait was cut
@@ -672,89 +723,127 @@ class ProcessRunWriter(RunWriter):
                 future.set_exception(exc)
 
     def _ended(self) -> TrackingError:
+        code = f" (exit code {self._process.exitcode})" if self._process is not None else ""
         return TrackingError(f"tracking.uri={mask_uri(self.uri)}: the run writer process "
-                             f"ended (exit code {self._process.exitcode})")
+                             f"(pid {self._pid}) ended{code}")
 
 
-def _writer_main(uri: str, requests: Any, replies: Any, parent: int) -> None:
-    """The writer process: do what arrives, in order, until told to stop or the parent is
-    gone."""
-    import pickle
+def _writer_main(uri: str, requests: list[Any], replies: list[Any], parent: int,
+                 clients: list[tuple[Any, Any]]) -> None:
+    """The writer process: do what arrives from each client, in each client's order, until
+    client 0 says stop or every client is gone. ``clients``: the clients' ends of the
+    pipes, which this process closes."""
     import signal
+    from multiprocessing.connection import wait
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for ends in clients:
+        for end in ends:
+            end.close()
     import mlflow
 
     mlflow.set_tracking_uri(uri)  # for logging a model into a run (see attach_model)
-    client: Any = None  # created once the store exists ("connect"; or the parent made it)
-    context = _context_tags()
-    locations: dict[str, str] = {}  # run id -> artifact URI, of the runs created here
-    error = ""
+    state = _WriterState(uri, _context_tags())
     # Loaded before a request needs it: the store's code (~1 s of imports, which the first
     # request would otherwise wait for).
     load_store_code(uri)
-    while True:
-        if not requests.poll(1.0):
-            if os.getppid() != parent:
-                break  # the parent was killed: everything it sent has been written
-            continue
+    live = dict(enumerate(requests))
+    while live:
+        ready = wait(list(live.values()))
+        for client in [c for c, conn in live.items() if conn in ready]:
+            if client == 0 and len(live) > 1:
+                # Client 0 (the coordinator) repairs what dead workers left: everything a
+                # worker sent before it died is written first.
+                for other in [c for c in live if c != 0]:
+                    while other in live and live[other].poll():
+                        _serve(state, other, live, replies, parent)
+            if client in live and not _serve(state, client, live, replies, parent):
+                return
+
+
+@dataclass
+class _WriterState:
+    uri: str
+    context: dict[str, str]  # the tags of a run's context (user, source)
+    client: Any = None  # created once the store exists ("connect"; or the parent made it)
+    locations: dict[str, str] = field(default_factory=dict)  # run id -> artifact URI
+    errors: dict[int, str] = field(default_factory=lambda: collections.defaultdict(str))
+    warm: bool = False
+
+
+def _serve(state: _WriterState, client: int, live: dict[int, Any], replies: list[Any],
+           parent: int) -> bool:
+    """Do one request of ``client``; False when client 0 says stop."""
+    import pickle
+
+    import mlflow
+
+    try:
+        message = live[client].recv()
+    except (EOFError, OSError):  # the client's process is gone
+        del live[client]
+        return True
+    if message is None:
+        with contextlib.suppress(OSError):
+            replies[client].send(("closed", None, state.errors.pop(client, "")))
+        return client != 0
+
+    def reply(*answer: Any) -> None:
         try:
-            message = requests.recv()
-        except EOFError:
-            break
-        if message is None:
-            break
-        kind, payload = message
-        if kind == "connect":
-            try:
-                value: Any = connect(payload)
-                client = mlflow.MlflowClient(uri)
-            except Exception as exc:
-                replies.send(("value", None, _portable(exc)))
-            else:
-                replies.send(("value", value, ""))
-            continue
-        if client is None:
-            client = mlflow.MlflowClient(uri)
-        if kind == "create" and os.getppid() != parent:
-            continue  # killed meanwhile: nobody would write or end the run
-        if kind in ("create", "call"):
-            try:
-                if kind == "create":
-                    value = create_run(client, context, *payload, locations)
-                else:
-                    function, args = payload
-                    value = function(client, *args)
-            except Exception as exc:
-                replies.send(("value", None, _portable(exc)))
-            else:
-                replies.send(("value", value, ""))
-            continue
-        if kind == "flush":
-            replies.send(("flushed", None, error))
-            error = ""
-            continue
-        if kind == "warm":  # on a thread: a request that comes meanwhile waits only for
-            # what it needs itself. Each time a request's database call returns, it waits for
-            # the thread to hand the GIL back: after 1 ms instead of Python's 5.
-            sys.setswitchinterval(0.001)
-            threading.Thread(target=_warm_up, name="expforge-warm-up",
-                             daemon=True).start()
-            continue
+            replies[client].send(answer)
+        except OSError:  # the client died meanwhile
+            live.pop(client, None)
+
+    kind, payload = message
+    if kind == "connect":
         try:
-            if kind == "record":
-                write_record(client, payload, locations)
-            elif kind == "submit":
-                try:
-                    with open(payload, "rb") as f:
-                        function, args = pickle.load(f)  # written by the parent (0600)
-                finally:
-                    os.unlink(payload)
-                function(client, *args)
+            value: Any = connect(payload)
+            state.client = state.client or mlflow.MlflowClient(state.uri)
         except Exception as exc:
-            error = error or error_line(exc)
-    with contextlib.suppress(OSError):
-        replies.send(("closed", None, error))
+            reply("value", None, _portable(exc))
+        else:
+            reply("value", value, "")
+        return True
+    if state.client is None:
+        state.client = mlflow.MlflowClient(state.uri)
+    if kind == "create" and client == 0 and os.getppid() != parent:
+        return True  # killed meanwhile: nobody would write or end the run
+    if kind in ("create", "call"):
+        try:
+            if kind == "create":
+                value = create_run(state.client, state.context, *payload, state.locations)
+            else:
+                function, args = payload
+                value = function(state.client, *args)
+        except Exception as exc:
+            reply("value", None, _portable(exc))
+        else:
+            reply("value", value, "")
+        return True
+    if kind == "flush":
+        reply("flushed", None, state.errors.pop(client, ""))
+        return True
+    if kind == "warm":  # on a thread: a request that comes meanwhile waits only for what
+        # it needs itself. Each time a request's database call returns, it waits for the
+        # thread to hand the GIL back: after 1 ms instead of Python's 5.
+        if not state.warm:
+            state.warm = True
+            sys.setswitchinterval(0.001)
+            threading.Thread(target=_warm_up, name="expforge-warm-up", daemon=True).start()
+        return True
+    try:
+        if kind == "record":
+            write_record(state.client, payload, state.locations)
+        elif kind == "submit":
+            try:
+                with open(payload, "rb") as f:
+                    function, args = pickle.load(f)  # written by the client (0600)
+            finally:
+                os.unlink(payload)
+            function(state.client, *args)
+    except Exception as exc:
+        state.errors[client] = state.errors[client] or error_line(exc)
+    return True
 
 
 def _portable(exc: Exception) -> Any:
