@@ -169,6 +169,34 @@ def test_a_flush_cut_short_by_ctrl_c_leaves_the_writer_usable(tmp_path: Path) ->
     assert writer._process.exitcode == 0
 
 
+def _pause(client: Any, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_run_is_created_before_the_writes_queued_ahead_of_it(tmp_path: Path) -> None:
+    """A trial waits for its run's id; the writes of ended runs do not hold it up: the
+    writer creates runs before the writes that arrived ahead of them. Each client's
+    writes stay in order, and what waits is done."""
+    from expforge.tracking import ProcessRunWriter, RunRecord, TrackingSettings
+
+    uri = f"sqlite:///{tmp_path}/writer.db"
+    writer = ProcessRunWriter(uri)
+    experiment = writer.connect(TrackingSettings(uri=uri, experiment="order",
+                                                 artifact_root=str(tmp_path)))
+    first = writer.wait(writer.create_run(experiment, "first", {}))
+    writer.submit(_pause, 0.3)  # the writer is busy while the next requests arrive
+    writer.submit(_pause, 1.5)
+    writer.write(RunRecord(first, metrics={"m": 1.0}))
+    start = time.monotonic()
+    second = writer.wait(writer.create_run(experiment, "second", {}))
+    assert time.monotonic() - start < 1.2  # not after the 1.5 s pause queued ahead of it
+    writer.close()
+    c = client(uri)
+    assert c.get_run(first).data.metrics == {"m": 1.0}
+    assert c.get_run(first).info.status == "FINISHED"
+    assert c.get_run(second).info.status == "RUNNING"
+
+
 def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_store(
         tmp_path: Path) -> None:
     """MLflow creates a store by migrating it (~1 s). Ctrl-C meanwhile used to leave a file

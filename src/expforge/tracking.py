@@ -733,6 +733,7 @@ def _writer_main(uri: str, requests: list[Any], replies: list[Any], parent: int,
     """The writer process: do what arrives from each client, in each client's order, until
     client 0 says stop or every client is gone. ``clients``: the clients' ends of the
     pipes, which this process closes."""
+    import gc
     import signal
     from multiprocessing.connection import wait
 
@@ -747,18 +748,44 @@ def _writer_main(uri: str, requests: list[Any], replies: list[Any], parent: int,
     # Loaded before a request needs it: the store's code (~1 s of imports, which the first
     # request would otherwise wait for).
     load_store_code(uri)
-    live = dict(enumerate(requests))
-    while live:
-        ready = wait(list(live.values()))
-        for client in [c for c, conn in live.items() if conn in ready]:
-            if client == 0 and len(live) > 1:
+    # What is loaded now stays: kept out of the collector's walks, which would otherwise
+    # hold a request up to ~0.15 s each time they cover the whole heap.
+    gc.freeze()
+    live = dict(enumerate(requests))  # the clients whose pipe is open
+    pending: dict[int, deque[Any]] = {client: deque() for client in live}  # read, not done
+    while live or any(pending.values()):
+        for connection in wait(list(live.values()), timeout=0 if any(pending.values()) else None):
+            _read(next(c for c, x in live.items() if x is connection), live, pending)
+        # A trial waits for its run's id before it ends: creating a run goes before the
+        # writes of runs that have ended, which no one waits for.
+        for client, messages in pending.items():
+            for message in [m for m in messages if m is not None and m[0] == "create"]:
+                messages.remove(message)
+                _serve(state, client, message, replies, parent)
+        for client in [c for c, messages in pending.items() if messages]:
+            if client == 0 and len(pending) > 1:
                 # Client 0 (the coordinator) repairs what dead workers left: everything a
                 # worker sent before it died is written first.
-                for other in [c for c in live if c != 0]:
-                    while other in live and live[other].poll():
-                        _serve(state, other, live, replies, parent)
-            if client in live and not _serve(state, client, live, replies, parent):
+                for other in [c for c in pending if c != 0]:
+                    if other in live:
+                        _read(other, live, pending)
+                    while pending[other]:
+                        _serve(state, other, pending[other].popleft(), replies, parent)
+            if pending[client] and not _serve(state, client, pending[client].popleft(),
+                                              replies, parent):
                 return
+
+
+def _read(client: int, live: dict[int, Any], pending: dict[int, deque[Any]]) -> None:
+    """Every request of ``client`` that has arrived; a client whose process is gone is no
+    longer live (what it sent is still done)."""
+    connection = live[client]
+    while connection.poll():
+        try:
+            pending[client].append(connection.recv())
+        except (EOFError, OSError):
+            del live[client]
+            return
 
 
 @dataclass
@@ -771,28 +798,21 @@ class _WriterState:
     warm: bool = False
 
 
-def _serve(state: _WriterState, client: int, live: dict[int, Any], replies: list[Any],
+def _serve(state: _WriterState, client: int, message: Any, replies: list[Any],
            parent: int) -> bool:
     """Do one request of ``client``; False when client 0 says stop."""
     import pickle
 
     import mlflow
 
-    try:
-        message = live[client].recv()
-    except (EOFError, OSError):  # the client's process is gone
-        del live[client]
-        return True
     if message is None:
         with contextlib.suppress(OSError):
             replies[client].send(("closed", None, state.errors.pop(client, "")))
         return client != 0
 
     def reply(*answer: Any) -> None:
-        try:
+        with contextlib.suppress(OSError):  # the client died meanwhile
             replies[client].send(answer)
-        except OSError:  # the client died meanwhile
-            live.pop(client, None)
 
     kind, payload = message
     if kind == "connect":
