@@ -5,6 +5,10 @@ Kept thin on purpose: `--help` and config errors must not pay for importing MLfl
 
 from __future__ import annotations
 
+import gc
+
+gc.disable()  # until the start-up is over (see expforge.start_up_done)
+
 from pathlib import Path
 
 import hydra

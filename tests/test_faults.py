@@ -122,6 +122,26 @@ def test_runs_pending_in_a_killed_writer_are_written_again(plain, store, tmp_pat
     assert "config.yaml" in {a.path for a in c.list_artifacts(ghost)}
 
 
+def test_a_stale_trial_whose_run_id_never_arrived_has_its_run_ended(store) -> None:
+    """Heartbeats fail the trial of a vanished worker (RDB storage) and end its run. A worker
+    killed after its writer created the run, before the id reached the trial, leaves a run
+    that only its tags name: it is found by them and ended too."""
+    from expforge.search import _FailedTrialRun
+
+    c = client(store["uri"])
+    exp_id = c.create_experiment("stale")
+    parent = c.create_run(exp_id, run_name="stale").info.run_id
+    study = optuna.create_study(study_name="stale")
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    trial = study.ask()
+    run = c.create_run(exp_id, run_name="stale-trial-0", tags={
+        "mlflow.parentRunId": parent, "optuna.study_name": "stale",
+        "optuna.trial_number": str(trial.number), "expforge.role": "trial"}).info.run_id
+    _FailedTrialRun(store["uri"])(study, study.trials[trial.number])
+    assert c.get_run(run).info.status == "FAILED"
+    assert c.get_run(run).data.tags["optuna.trial_state"] == "FAIL"
+
+
 def test_a_best_run_killed_while_its_model_was_logged_is_ended_with_its_model(
         tmp_path: Path) -> None:
     """log_models=best logs the best model at a session's end. A SIGKILL then leaves the best

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from expforge import config as config_mod
-from expforge import tracking
+from expforge import start_up_done, tracking
 from expforge.data import Dataset, load_data
 from expforge.errors import ConfigError, ModelError
 from expforge.metrics import default_objective, direction_of, metric_names, score
@@ -286,6 +286,7 @@ def fit(
     With a ``reporter`` (pruning), iterative estimators report the validation objective as
     they train (see ``Reporter``).
     """
+    start_up_done()
     start = time.perf_counter()
     try:
         if reporter is None:

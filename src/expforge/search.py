@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from expforge import config as config_mod
+from expforge import start_up_done
 from expforge.data import Dataset, load_data
 from expforge.errors import ConfigError, ExpforgeError, SearchError
 from expforge.metrics import direction_of
@@ -367,6 +368,7 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
             with _Progress(settings, study) as progress:
                 objective = None
                 if workers:
+                    start_up_done()
                     _watch(job, study, workers, progress)
                 else:
                     objective = _optimize(job, study, 0, progress)
@@ -387,14 +389,10 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     """Take trials until the study's budget is spent, the timeout passes or too many fail.
 
     Returns the objective, which holds the worker's best model (``flush_best``)."""
-    import gc
-
     settings = job.settings
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
     writer = job.writer
-    # What the start-up loaded stays: kept out of the collector's walks during the trials
-    # (a full one covers every module's objects: up to ~0.1 s each time).
-    gc.freeze()
+    start_up_done()
     objective = _Objective(job, study, index, writer)
     callbacks = [_update_parent(job, writer), _report_failure]
     if progress is not None:
@@ -729,7 +727,7 @@ class _FailedTrialRun:
         self.store = RunWriter(tracking_uri)  # connects when first needed
 
     def __call__(self, study: Any, trial: Any) -> None:
-        _end_trial_run(self.store, trial, "FAILED")
+        _end_trial_run(self.store, study, trial, "FAILED")
 
 
 def _open_study(settings: SearchSettings, params: list[Param], index: int,
@@ -811,7 +809,7 @@ def _reap_orphans(study: Any, job: _Job, pid: int | None = None, rewrite: bool =
         if not _left_by(t, pid):
             continue
         if _set_failed(study, t) and not rewrite:
-            _end_trial_run(job.writer, t, "KILLED")
+            _end_trial_run(job.writer, study, t, "KILLED")
     if rewrite:
         _repair_runs(study, job, pid)
 
@@ -893,11 +891,25 @@ def _set_failed(study: Any, trial: Any) -> bool:
     return True
 
 
-def _end_trial_run(store: RunWriter, trial: Any, status: str) -> None:
-    run_id = trial.user_attrs.get(_RUN_ATTR)
+def _end_trial_run(store: RunWriter, study: Any, trial: Any, status: str) -> None:
+    """End the run of a trial that failed with its process. A process killed after its
+    run was created but before the id reached the trial leaves a run that only its tags
+    name: then the study's RUNNING run with the trial's number is ended."""
+    with contextlib.suppress(Exception):
+        store.call(_end_trial_run_in_store, study.study_name,
+                   study.user_attrs.get(_PARENT_ATTR, ""), trial.number,
+                   trial.user_attrs.get(_RUN_ATTR, ""), status)
+
+
+def _end_trial_run_in_store(client: Any, study_name: str, parent_run_id: str, number: int,
+                            run_id: str, status: str) -> None:
     if run_id:
-        with contextlib.suppress(Exception):
-            store.call(_end_run_in_store, run_id, status)
+        _end_run_in_store(client, run_id, status)
+    elif parent_run_id:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        running = _running_trial_runs(client, experiment_id, study_name)
+        if str(number) in running:
+            _end_run_in_store(client, running[str(number)], status)
 
 
 def _end_run_in_store(client: Any, run_id: str, status: str) -> None:

@@ -749,8 +749,10 @@ def _writer_main(uri: str, requests: list[Any], replies: list[Any], parent: int,
     # request would otherwise wait for).
     load_store_code(uri)
     # What is loaded now stays: kept out of the collector's walks, which would otherwise
-    # hold a request up to ~0.15 s each time they cover the whole heap.
+    # hold a request up to ~0.15 s each time they cover the whole heap. (Forked from
+    # ``python run.py``, it has loaded MLflow with the collector off: see start_up_done.)
     gc.freeze()
+    gc.enable()
     live = dict(enumerate(requests))  # the clients whose pipe is open
     pending: dict[int, deque[Any]] = {client: deque() for client in live}  # read, not done
     while live or any(pending.values()):
