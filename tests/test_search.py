@@ -256,6 +256,29 @@ def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
                                   filter_string=f"source_run_id = '{best}'")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cli_study_logging_every_model(tmp_path: Path, workers: int) -> None:
+    """search.log_models=all from the command line: each trial logs its model where it
+    runs, into the configured store (the writer process holds the store's other work)."""
+    elsewhere = tmp_path / "elsewhere"  # the working directory: where a default store would be
+    elsewhere.mkdir()
+    done = subprocess.run(_cli(tmp_path, *FAST_RF, "search.n_trials=3", "search.plots=false",
+                               "search.log_models=all", f"search.n_workers={workers}"),
+                          capture_output=True, text=True, timeout=300, check=False,
+                          cwd=elsewhere)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(elsewhere.iterdir())  # nothing went to a default store
+    _assert_budget_exact(tmp_path, 3)
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    study = load(tmp_path / "s.journal", "cli")
+    exp_id = c.get_experiment_by_name("expforge").experiment_id
+    for trial in study.trials:
+        run_id = trial.user_attrs["mlflow_run_id"]
+        assert c.get_run(run_id).info.status == "FINISHED"
+        assert c.search_logged_models(experiment_ids=[exp_id],
+                                      filter_string=f"source_run_id = '{run_id}'")
+
+
 def test_a_worker_killed_mid_trial_leaves_no_run_behind(tmp_path: Path) -> None:
     """SIGKILL of one of two workers: the other finishes the budget, the killed trial's run
     ends KILLED, and what the dead worker had handed to the writer is written."""

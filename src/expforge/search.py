@@ -50,6 +50,7 @@ from expforge.tracking import (
     RunRecord,
     RunWriter,
     TrackingSettings,
+    connect,
     ended,
     interrupts_deferred,
     load_store_code,
@@ -323,7 +324,8 @@ def _worker_main(job: _Job, index: int, channel: Any) -> None:
     # OpenMP pools (hgb, numpy) get the worker's share of the cores, like model.n_jobs does.
     threadpool_limits(limits=max(1, (os.cpu_count() or 1) // job.settings.n_workers))
     try:
-        job.writer.connect(job.tracking)
+        if not isinstance(job.writer, ProcessRunWriter):  # the writer process has connected
+            job.writer.connect(job.tracking)
         study = _open_study(job.settings, job.params, index, job.tracking)
         objective = _optimize(job, study, index, progress=None)
         with interrupts_deferred():
@@ -426,8 +428,9 @@ def _loop(job: _Job, study: Any, objective: _Objective, callbacks: list[Any],
         if counts.taken >= settings.n_trials:
             # The last slots are running elsewhere. Wait: if their worker dies, heartbeats (RDB)
             # or the dead-process check (this host) fail them and the slot is ours to retry.
-            # The study is read every 0.2 s, so that this worker ends soon after the last trial.
-            time.sleep(0.2)
+            # The study is read every 0.05 s (a few ms each), so that this worker ends soon
+            # after the last trial.
+            time.sleep(0.05)
             if time.monotonic() - recovered >= 1.0:
                 _recover_stale(study, job)
                 recovered = time.monotonic()
@@ -464,6 +467,8 @@ class _Objective:
         self.log_each = settings.log_models == "all" or (
             settings.log_models == "best" and settings.multi_objective)
         self.best: tuple[float, str, Any] | None = None
+        if self.log_each:  # its runs are logged here, not by the writer: MLflow points there
+            connect(job.tracking)
         # The study's command line is on the parent run; a trial's own overrides are its params.
         self.context = RunContext(choices=job.context.choices)
 
