@@ -2,16 +2,19 @@
 
 Shape of a search::
 
-    coordinator: load data once -> check space -> fork workers -> open study + parent run
-                 -> (progress) -> top trials, plots, best on the parent
-    worker k:    connect -> loop { budget left? -> ask -> run_one(child run) -> tell }
+    coordinator: fork the writer -> load data once -> check space -> fork workers
+                 -> open study + parent run -> (progress) -> top trials, plots, best on the parent
+    worker k:    loop { budget left? -> ask -> run_one(child run) -> tell }
+    writer:      load MLflow, open the store -> create and write the runs of every client
 
 Workers are processes, not threads (MLflow's active run is per thread, the GIL serialises
 fits). They are forked before MLflow or a storage connection exists, so nothing with a socket
-or a database handle crosses a fork, and the loaded dataset is shared copy-on-write. With one
-worker everything runs in-process. ``search.n_trials`` is the study's total budget: trials
-COMPLETE or PRUNED count, and a trial only starts while fewer than ``n_trials`` are finished
-or running, so several workers and later resumes never overshoot it.
+or a database handle crosses a fork, and the loaded dataset is shared copy-on-write. The
+writer process (``tracking.ProcessRunWriter``) does the store's work for all of them, so no
+other process of the search loads MLflow. With one worker the trials run in-process.
+``search.n_trials`` is the study's total budget: trials COMPLETE or PRUNED count, and a
+trial only starts while fewer than ``n_trials`` are finished or running, so several workers
+and later resumes never overshoot it.
 """
 
 from __future__ import annotations
