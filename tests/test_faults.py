@@ -184,13 +184,34 @@ def test_a_flush_cut_short_by_ctrl_c_leaves_the_writer_usable(tmp_path: Path) ->
     uri = f"sqlite:///{tmp_path}/writer.db"
     writer = ProcessRunWriter(uri)  # a store nobody opened here
     writer.connect(TrackingSettings(uri=uri, experiment="flush", artifact_root=str(tmp_path)))
-    writer._send(("flush", None))  # what an interrupted flush() sent, its reply unread
+    writer._send(("flush", None, None))  # what an interrupted flush() sent, its reply unread
     writer.close()
     assert writer._process.exitcode == 0
 
 
 def _pause(client: Any, seconds: float) -> None:
     time.sleep(seconds)
+
+
+def _echo(client: Any, value: str) -> str:
+    return value
+
+
+def test_a_request_given_up_by_an_interrupted_sender_takes_no_later_reply(
+        tmp_path: Path) -> None:
+    """Ctrl-C can land after a request was sent but before its sender waits for it: its
+    reply still comes, and must not answer the next request (replies name their request)."""
+    from expforge.tracking import ProcessRunWriter, TrackingSettings
+
+    uri = f"sqlite:///{tmp_path}/writer.db"
+    writer = ProcessRunWriter(uri)
+    writer.connect(TrackingSettings(uri=uri, experiment="ids", artifact_root=str(tmp_path)))
+    writer._ask("call", (_echo, ("given up",)), "a request")
+    with writer._lock:  # what _ask does when the interrupt lands after the send
+        writer._awaiting.clear()
+    assert writer.call(_echo, "kept") == "kept"
+    writer.close()
+    assert writer._process.exitcode == 0
 
 
 def test_a_run_is_created_before_the_writes_queued_ahead_of_it(tmp_path: Path) -> None:

@@ -222,6 +222,7 @@ def run_search(
     # Otherwise each process writes its own runs (its client is made where it is used).
     writer = (_writer_process(plain) if fork else None) or RunWriter(tracking.uri)
     try:
+        start_up_done()  # the data is loaded with the collector on (see there)
         dataset = load_data(plain["data"], int(plain["seed"]), root)
         settings = settings_of(plain, dataset.task)
         params = parse_space(plain.get("search_space"), plain)
@@ -288,10 +289,13 @@ def _start_workers(job: _Job, fork: bool) -> list[_Worker]:
     (connections may exist) they are spawned instead and receive the data through a pipe.
     """
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
-    workers = []
+    workers: list[_Worker] = []
     for index in range(job.settings.n_workers):
         receive, send = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_worker_main, args=(job, index, receive),
+        # The coordinator's ends, which the worker closes: if the coordinator dies before it
+        # sends the parent run, the worker hears the end of the pipe instead of waiting.
+        ends = [send, *(w.channel for w in workers)]
+        process = ctx.Process(target=_worker_main, args=(job, index, receive, ends),
                               name=f"expforge-worker-{index}", daemon=False)
         process.start()
         receive.close()
@@ -300,9 +304,12 @@ def _start_workers(job: _Job, fork: bool) -> list[_Worker]:
     return workers
 
 
-def _worker_main(job: _Job, index: int, channel: Any) -> None:
+def _worker_main(job: _Job, index: int, channel: Any, coordinator_ends: list[Any]) -> None:
     """A forked worker: wait for the parent run, then take trials until the budget is spent."""
     import sys
+
+    for end in coordinator_ends:
+        end.close()
 
     # Forked workers write through the search's writer process, each as a client of its own.
     # Otherwise a worker writes its own runs: a spawned one loads MLflow's code (~1.5 s)

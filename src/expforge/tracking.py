@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import os
 import queue
@@ -585,7 +586,11 @@ class ProcessRunWriter(RunWriter):
     def _attach(self, client: int) -> None:
         self._client = client
         self._requests, self._replies = self._clients[client]
-        self._awaiting: deque[tuple[Any, Callable[[str], None] | None, str]] = deque()
+        # Requests that await a value, by id: a reply names its request, so a request whose
+        # sender was interrupted after sending it cannot take the next request's value.
+        self._awaiting: dict[int, tuple[Any, Callable[[str], None] | None, str]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
         self._ends: queue.Queue[tuple[str, str]] = queue.Queue()
         self._closed = False
         if client != 0:
@@ -609,7 +614,7 @@ class ProcessRunWriter(RunWriter):
         return str(self.wait(future, "opening the store"))
 
     def warm_up(self) -> None:
-        self._send(("warm", None))
+        self._send(("warm", None, None))
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
         what = "a request to the store"
@@ -625,7 +630,7 @@ class ProcessRunWriter(RunWriter):
         try:
             with os.fdopen(fd, "wb") as f:
                 pickle.dump((function, args), f, protocol=pickle.HIGHEST_PROTOCOL)
-            self._send(("submit", path))
+            self._send(("submit", path, None))
         except BaseException:  # not handed over (the writer deletes it once read)
             os.unlink(path)
             raise
@@ -638,10 +643,10 @@ class ProcessRunWriter(RunWriter):
                                     int(time.time() * 1000)), "creating a run", on_created)
 
     def write(self, record: RunRecord) -> None:
-        self._send(("record", record))
+        self._send(("record", record, None))
 
     def flush(self) -> None:
-        self._send(("flush", None))
+        self._send(("flush", None, None))
         self._end("flushed")
 
     def close(self) -> None:
@@ -665,19 +670,25 @@ class ProcessRunWriter(RunWriter):
         from concurrent.futures import Future
 
         future: Future[Any] = Future()
-        self._awaiting.append((future, on_created, what))
+        with self._lock:
+            request = next(self._ids)
+            self._awaiting[request] = (future, on_created, what)
         try:
-            self._send((kind, payload))
+            self._send((kind, payload, request))
         except BaseException:
-            self._awaiting.remove((future, on_created, what))
+            with self._lock:
+                self._awaiting.pop(request, None)
             raise
         return future
 
     def _send(self, message: Any) -> None:
+        """Whole or not at all: Ctrl-C or SIGTERM between the two writes of a big message
+        would leave half of it in the pipe, and the writer could not read on."""
         if self._process is not None and not self._process.is_alive():
             raise self._ended()
         try:
-            self._requests.send(message)
+            with interrupts_deferred():
+                self._requests.send(message)
         except (BrokenPipeError, ConnectionResetError) as exc:  # the writer is gone
             raise self._ended() from exc
 
@@ -697,30 +708,37 @@ class ProcessRunWriter(RunWriter):
                                 f"{first_error}")
 
     def _receive(self) -> None:
-        while True:
-            try:
-                kind, value, error = self._replies.recv()
-            except (EOFError, OSError):
-                for future, _, _ in self._awaiting:
-                    if not future.done():
-                        future.set_exception(self._ended())
-                self._ends.put(("ended", ""))
-                return
-            if kind != "value":
-                self._ends.put((kind, error))
-                continue
-            future, on_created, what = self._awaiting.popleft()
-            try:
-                if isinstance(error, BaseException):
-                    raise error
-                if error:
-                    raise TrackingError(
-                        f"tracking.uri={mask_uri(self.uri)}: {what} failed: {error}")
-                if on_created is not None:
-                    on_created(value)
-                future.set_result(value)
-            except Exception as exc:
-                future.set_exception(exc)
+        try:
+            while True:
+                kind, request, value, error = self._replies.recv()
+                if kind != "value":
+                    self._ends.put((kind, error))
+                    continue
+                with self._lock:
+                    awaited = self._awaiting.pop(request, None)
+                if awaited is None:
+                    continue  # its sender was interrupted and gave up on it
+                future, on_created, what = awaited
+                try:
+                    if isinstance(error, BaseException):
+                        raise error
+                    if error:
+                        raise TrackingError(
+                            f"tracking.uri={mask_uri(self.uri)}: {what} failed: {error}")
+                    if on_created is not None:
+                        on_created(value)
+                    future.set_result(value)
+                except Exception as exc:
+                    future.set_exception(exc)
+        except (EOFError, OSError):
+            pass
+        finally:  # the writer is gone: nothing waits for it in vain
+            with self._lock:
+                left, self._awaiting = list(self._awaiting.values()), {}
+            for future, _, _ in left:
+                if not future.done():
+                    future.set_exception(self._ended())
+            self._ends.put(("ended", ""))
 
     def _ended(self) -> TrackingError:
         code = f" (exit code {self._process.exitcode})" if self._process is not None else ""
@@ -765,9 +783,11 @@ def _writer_main(uri: str, requests: list[Any], replies: list[Any], parent: int,
                 messages.remove(message)
                 _serve(state, client, message, replies, parent)
         for client in [c for c, messages in pending.items() if messages]:
-            if client == 0 and len(pending) > 1:
-                # Client 0 (the coordinator) repairs what dead workers left: everything a
-                # worker sent before it died is written first.
+            head = pending[client][0] if pending[client] else None
+            if (client == 0 or (head is not None and head[0] == "call")) and len(pending) > 1:
+                # Repairs (calls) and the end (client 0) come after everything the other
+                # clients sent so far: a dead worker's runs are written before they are
+                # repaired, and none of its writes are dropped at the end.
                 for other in [c for c in pending if c != 0]:
                     if other in live:
                         _read(other, live, pending)
@@ -785,7 +805,7 @@ def _read(client: int, live: dict[int, Any], pending: dict[int, deque[Any]]) -> 
     while connection.poll():
         try:
             pending[client].append(connection.recv())
-        except (EOFError, OSError):
+        except Exception:  # gone (EOF), or died inside a send: what came whole is done
             del live[client]
             return
 
@@ -809,14 +829,14 @@ def _serve(state: _WriterState, client: int, message: Any, replies: list[Any],
 
     if message is None:
         with contextlib.suppress(OSError):
-            replies[client].send(("closed", None, state.errors.pop(client, "")))
+            replies[client].send(("closed", None, None, state.errors.pop(client, "")))
         return client != 0
 
-    def reply(*answer: Any) -> None:
+    def reply(kind: str, value: Any, error: Any) -> None:
         with contextlib.suppress(OSError):  # the client died meanwhile
-            replies[client].send(answer)
+            replies[client].send((kind, request, value, error))
 
-    kind, payload = message
+    kind, payload, request = message
     if kind == "connect":
         try:
             value: Any = connect(payload)
