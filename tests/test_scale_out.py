@@ -72,13 +72,14 @@ def mlflow_server(databases: dict[str, str], tmp_path: Path) -> Iterator[str]:
 
 def test_three_workers_one_killed_finish_the_budget(databases, mlflow_server,
                                                      tmp_path: Path) -> None:
-    n_trials = 6
+    # Trials of ~0.5 s: the budget outlasts the first command until the third has joined.
+    n_trials = 8
     args = [
         sys.executable, str(ROOT / "run.py"), "search=optuna", "model=rf",
         "search.study_name=fleet", f"search.storage={databases['optuna']}",
         f"search.n_trials={n_trials}", "search.heartbeat_interval=1", "search.grace_period=4",
         "search.plots=false", f"tracking.uri={mlflow_server}", "model.n_jobs=1",
-        "search_space.model.n_estimators.low=60", "search_space.model.n_estimators.high=120",
+        "search_space.model.n_estimators.low=200", "search_space.model.n_estimators.high=300",
         f"paths.outputs={tmp_path}/out",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -94,7 +95,8 @@ def test_three_workers_one_killed_finish_the_budget(databases, mlflow_server,
     victim = workers[2]
     deadline = time.time() + 240
     killed = False
-    while time.time() < deadline and not killed:  # kill worker 3 in the middle of a trial
+    while time.time() < deadline and not killed and victim.poll() is None:
+        # kill worker 3 in the middle of a trial
         try:
             study = optuna.load_study(study_name="fleet", storage=storage)
         except KeyError:
