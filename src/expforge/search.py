@@ -222,7 +222,8 @@ def run_search(
     # Otherwise each process writes its own runs (its client is made where it is used).
     writer = (_writer_process(plain) if fork else None) or RunWriter(tracking.uri)
     try:
-        start_up_done()  # the data is loaded with the collector on (see there)
+        start_up_done()  # the data is loaded with the collector on (see there); a spawned
+        # worker, which ran run.py's start again, turns it on at its first fit
         dataset = load_data(plain["data"], int(plain["seed"]), root)
         settings = settings_of(plain, dataset.task)
         params = parse_space(plain.get("search_space"), plain)
@@ -380,7 +381,6 @@ def _coordinate(job: _Job, workers: list[_Worker]) -> SearchResult:
             with _Progress(settings, study) as progress:
                 objective = None
                 if workers:
-                    start_up_done()
                     _watch(job, study, workers, progress)
                 else:
                     objective = _optimize(job, study, 0, progress)
@@ -404,7 +404,6 @@ def _optimize(job: _Job, study: Any, index: int, progress: _Progress | None) -> 
     settings = job.settings
     deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
     writer = job.writer
-    start_up_done()
     objective = _Objective(job, study, index, writer)
     callbacks = [_update_parent(job, writer), _report_failure]
     if progress is not None:

@@ -361,8 +361,9 @@ def write_record(client: Any, record: RunRecord, locations: dict[str, str] | Non
             params=[Param(k, str(v)) for k, v in record.params.items()],
             tags=[RunTag(k, str(v)) for k, v in record.tags.items()],
         )
-    locations = {} if locations is None else locations
-    location = (locations.get if record.status is None else locations.pop)(record.run_id, None)
+    location = (locations or {}).get(record.run_id)
+    if record.status is not None and locations:  # the run ends: its location is done with
+        locations.pop(record.run_id, None)
     if record.texts:
         log_texts(client, record.run_id, record.texts, location)
     if record.dataset is not None:
