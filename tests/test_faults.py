@@ -122,6 +122,42 @@ def test_runs_pending_in_a_killed_writer_are_written_again(plain, store, tmp_pat
     assert "config.yaml" in {a.path for a in c.list_artifacts(ghost)}
 
 
+def test_a_trial_stopped_after_its_run_was_written_has_its_run_tagged_fail(
+        plain, store, tmp_path: Path) -> None:
+    """A stop that lands after a trial handed its finished run over, before Optuna heard of
+    the trial's end, leaves the trial to the repair (FAIL) and a run written COMPLETE: the
+    repair tags the run FAIL, so that the runs tell what the study kept."""
+    import socket
+
+    from expforge.runner import RunContext
+    from expforge.search import run_search
+
+    from .test_search import FAST_RF
+
+    cfg = plain("search=optuna", *FAST_RF, "search.n_trials=2", "search.study_name=late",
+                f"search.storage={tmp_path}/s.journal", "search.plots=false")
+    run_search(cfg, RunContext())
+    study = load(tmp_path / "s.journal", "late")
+    c = client(store["uri"])
+    exp_id = c.get_experiment_by_name(cfg["tracking"]["experiment"]).experiment_id
+    written = c.create_run(exp_id, run_name="late-trial-2", tags={
+        "mlflow.parentRunId": study.user_attrs["mlflow_parent_run_id"],
+        "optuna.study_name": "late", "optuna.trial_number": "2", "expforge.role": "trial",
+        "optuna.trial_state": "COMPLETE"}).info.run_id
+    c.set_terminated(written, "FINISHED")
+    dead = subprocess.Popen(["true"])  # its pid is free once it has exited
+    dead.wait()
+    first = study.trials[0]
+    study.add_trial(optuna.trial.create_trial(
+        params=first.params, distributions=first.distributions,
+        state=optuna.trial.TrialState.RUNNING,
+        user_attrs={"expforge.pid": dead.pid, "expforge.host": socket.gethostname(),
+                    "mlflow_run_id": written}))
+    run_search({**cfg, "search": {**cfg["search"], "n_trials": 3}}, RunContext())
+    assert load(tmp_path / "s.journal", "late").trials[2].state == optuna.trial.TrialState.FAIL
+    assert c.get_run(written).data.tags["optuna.trial_state"] == "FAIL"
+
+
 def test_a_stale_trial_whose_run_id_never_arrived_has_its_run_ended(store) -> None:
     """Heartbeats fail the trial of a vanished worker (RDB storage) and end its run. A worker
     killed after its writer created the run, before the id reached the trial, leaves a run

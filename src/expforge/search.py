@@ -816,16 +816,17 @@ def _pruner(settings: SearchSettings) -> Any:
 def _reap_orphans(study: Any, job: _Job, pid: int | None = None, rewrite: bool = True) -> None:
     """RUNNING trials left by dead processes of this host (SIGKILL), or with ``pid`` by that
     process (an interrupt): FAIL, their runs written again (``_repair_runs``), or without
-    ``rewrite`` only ended KILLED."""
+    ``rewrite`` only ended KILLED. A failed trial's run is tagged FAIL in any case: an
+    interrupt can land after the trial handed its finished run over, before Optuna heard
+    of the trial's end."""
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not _left_by(t, pid):
-            continue
-        if _set_failed(study, t) and not rewrite:
-            _end_trial_run(job.writer, study, t, "KILLED")
+    failed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+              if _left_by(t, pid) and _set_failed(study, t)]
     if rewrite:
         _repair_runs(study, job, pid)
+    for t in failed:
+        _end_trial_run(job.writer, study, t, "KILLED")
 
 
 def _left_by(trial: Any, pid: int | None) -> bool:
