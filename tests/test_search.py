@@ -278,7 +278,8 @@ def test_cli_study_logging_every_model(tmp_path: Path, workers: int) -> None:
     exp_id = c.get_experiment_by_name("expforge").experiment_id
     for trial in study.trials:
         run_id = trial.user_attrs["mlflow_run_id"]
-        assert c.get_run(run_id).info.status == "FINISHED"
+        run = c.get_run(run_id)
+        assert run.info.status == "FINISHED", (trial.state, run.data.tags.get("error"))
         assert c.search_logged_models(experiment_ids=[exp_id],
                                       filter_string=f"source_run_id = '{run_id}'")
 

@@ -367,16 +367,7 @@ def write_record(client: Any, record: RunRecord, locations: dict[str, str] | Non
     if record.texts:
         log_texts(client, record.run_id, record.texts, location)
     if record.dataset is not None:
-        from mlflow.exceptions import MlflowException
-
-        inputs = list(dataset_inputs(record.dataset))
-        try:
-            client.log_inputs(record.run_id, datasets=inputs)
-        except MlflowException:
-            # Writers of several processes may create the same dataset entity at once; the
-            # loser's insert fails (MLflow's get-or-create is not atomic), and now it exists.
-            time.sleep(0.5)
-            client.log_inputs(record.run_id, datasets=inputs)
+        log_inputs(client, record.run_id, record.dataset)
     if record.status is not None:
         client.set_terminated(record.run_id, record.status, end_time=now)
 
@@ -1021,8 +1012,22 @@ def log_datasets(run_id: str, dataset: Any) -> None:
     """Record train/val/test as the run's dataset inputs, with digest and source."""
     import mlflow
 
-    mlflow.MlflowClient().log_inputs(run_id, datasets=list(dataset_inputs(
-        describe_dataset(dataset))))
+    log_inputs(mlflow.MlflowClient(), run_id, describe_dataset(dataset))
+
+
+def log_inputs(client: Any, run_id: str, description: DatasetDescription) -> None:
+    """The described dataset's splits as the run's inputs."""
+    from mlflow.exceptions import MlflowException
+
+    inputs = list(dataset_inputs(description))
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException:
+        # Processes that log runs at once may create the same dataset entity at once (the
+        # first trials of parallel workers); the loser's insert fails (MLflow's get-or-create
+        # is not atomic), and now it exists.
+        time.sleep(0.5)
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def log_model(model: Any, input_example: Any, name: str = "model") -> Any:
