@@ -27,7 +27,8 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    from expforge.cli import app_help, freeze_at_exit, precheck
+    from expforge.cli import app_help, precheck
+    from expforge.process import freeze_at_exit
 
     if not app_help(sys.argv[1:], ROOT, "register", "register"):
         freeze_at_exit()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import gc
 
-gc.disable()  # until the start-up is over (see expforge.start_up_done)
+gc.disable()  # until the start-up is over (see expforge.process.start_up_done)
 
 from pathlib import Path
 
@@ -30,7 +30,8 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from expforge.cli import app_help, freeze_at_exit, precheck
+    from expforge.cli import app_help, precheck
+    from expforge.process import freeze_at_exit
 
     if not app_help(sys.argv[1:], ROOT, "config", "run"):
         freeze_at_exit()

@@ -121,7 +121,7 @@ def test_register_cli_errors(tmp_path: Path) -> None:
     from expforge.config import to_plain
 
     cfg = to_plain(compose(*store[:2], "model=linear"))
-    run_one(cfg, log_plot_artifacts=False)
+    run_one(cfg, log_plots=False)
     done = run_cli(*store, "register.metric=val_auc", script="register.py")
     assert done.returncode == 1
     assert "error: register.metric=val_auc is not logged by the candidate runs" in done.stderr

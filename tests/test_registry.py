@@ -91,10 +91,10 @@ def test_registry_errors(plain, store) -> None:
     cfg = plain("model=linear")
     with pytest.raises(RegistryError, match="does not exist"):
         register_best(_reg(cfg), cfg["tracking"])
-    run_one(cfg, log_model_artifact=False, log_plot_artifacts=False)
+    run_one(cfg, log_model=False, log_plots=False)
     with pytest.raises(RegistryError, match="has a logged model"):
         register_best(_reg(cfg), cfg["tracking"])
-    run_one(cfg, log_plot_artifacts=False)
+    run_one(cfg, log_plots=False)
     with pytest.raises(RegistryError, match=r"register.metric=val_auc is not logged.*val_rmse"):
         register_best(_reg(cfg, metric="val_auc"), cfg["tracking"])
     with pytest.raises(RegistryError, match="no FINISHED candidate runs"):

@@ -28,7 +28,7 @@ def test_every_model_on_every_task_is_recorded(plain, store, model: str, data: s
     cfg = plain(f"model={model}", f"data={data}", "+tracking.tags.developer=alice",
                 *SMALL[model])
     ctx = RunContext(choices={"model": model, "data": data}, overrides=[f"model={model}"])
-    result, _ = run_one(cfg, ctx, log_plot_artifacts=(data != "diabetes" or model == "rf"))
+    result, _ = run_one(cfg, ctx, log_plots=(data != "diabetes" or model == "rf"))
     objective, expected = DATASETS[data]
     run = client(store["uri"]).get_run(result.run_id)
     assert run.info.status == "FINISHED"
@@ -69,7 +69,7 @@ def test_every_model_on_every_task_is_recorded(plain, store, model: str, data: s
 def test_long_param_values_are_truncated_with_marker(plain, store) -> None:
     cfg = plain("model=linear", "+tracking.tags.note=x")
     cfg["notes"] = "x" * 7000
-    result, _ = run_one(cfg, log_model_artifact=False, log_plot_artifacts=False)
+    result, _ = run_one(cfg, log_model=False, log_plots=False)
     value = client(store["uri"]).get_run(result.run_id).data.params["notes"]
     assert len(value) <= 6000 and value.endswith("[truncated; see config.yaml]")
 
@@ -105,10 +105,10 @@ def test_autolog_switch_logs_without_duplicate_params(plain, store) -> None:
 
 def test_logged_models_predict_raw_rows_in_a_fresh_process(plain, store, taxi_files) -> None:
     regression, _ = run_one(plain("model=xgb", "model.n_estimators=10"),
-                            log_plot_artifacts=False)
+                            log_plots=False)
     taxi, _ = run_one(plain("model=rf", "model.n_estimators=10", "data=nyc_taxi",
                             *(f"data.{k}_path={v}" for k, v in taxi_files.items())),
-                      log_plot_artifacts=False)
+                      log_plots=False)
     script = f"""
 import sys, mlflow, pandas as pd
 from sklearn.datasets import load_diabetes

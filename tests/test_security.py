@@ -51,5 +51,5 @@ def test_blocked_targets_name_the_setting_that_allows_them(plain, tmp_path: Path
     cfg = plain("model=rf", "model.n_estimators=5", "security.allowed_targets=[sklearn.]")
     cfg["security"]["allowed_targets"] = ["sklearn.ensemble.ExtraTrees"]
     cfg["model"]["regressor"]["_target_"] = "sklearn.ensemble.ExtraTreesRegressor"
-    _, model = run_one(cfg, log_model_artifact=False, log_plot_artifacts=False)
+    _, model = run_one(cfg, log_model=False, log_plots=False)
     assert type(model.steps[-1][1]).__name__ == "ExtraTreesRegressor"

@@ -1,77 +1,26 @@
 """The edge between Hydra and expforge: DictConfig in, console output and exit codes out.
 
-Every user error (``ExpforgeError``) becomes one line on stderr and exit code 1; the full
-traceback appears only with ``HYDRA_FULL_ERROR=1``. SIGTERM is handled like Ctrl-C, so a run
-stopped by a scheduler ends KILLED rather than RUNNING.
+Every user error (``ExpforgeError``) becomes one line on stderr and exit code 1 (see
+``process.guarded``); the full traceback appears only with ``HYDRA_FULL_ERROR=1``.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from expforge.errors import ExpforgeError
+from expforge.process import EXIT_ERROR, EXIT_GATE, guarded
+from expforge.runner import RunContext
 from expforge.sweep import ENV_PARENT
 
-__all__ = ["app_help", "freeze_at_exit", "guarded", "hydra_context", "precheck", "register_job",
-           "run_job"]
-
-T = TypeVar("T")
+__all__ = ["app_help", "hydra_context", "precheck", "register_job", "run_job"]
 
 
-def guarded(action: Callable[[], T]) -> T:
-    """Run ``action`` with expforge's error and signal policy."""
-    previous = signal.getsignal(signal.SIGTERM)
-    if previous in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        return action()
-    except ExpforgeError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: runs ended KILLED; re-run the same command to resume",
-              file=sys.stderr)
-        sys.exit(130)
-    finally:
-        if previous in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-def freeze_at_exit() -> None:
-    """Spare the interpreter's shutdown its repeated walks of the whole heap.
-
-    With MLflow, scikit-learn, pandas and matplotlib loaded, the garbage collections that
-    Python runs while tearing down its modules took 1.2 s of every command here. At exit the
-    young garbage (what the command's last steps dropped) is collected, so its finalizers
-    run, and the rest is frozen: the later collections have nothing to walk, and the
-    process's memory goes back at once. (A full collection first would cost 0.25 s.)
-    """
-    import atexit
-    import gc
-
-    def collect_and_freeze() -> None:
-        gc.collect(1)
-        gc.freeze()
-
-    atexit.register(collect_and_freeze)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def hydra_context() -> Any:
+def hydra_context() -> RunContext:
     """Hydra's choices and overrides for the current job (empty outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig
-
-    from expforge.runner import RunContext
 
     if not HydraConfig.initialized():
         return RunContext()
@@ -100,6 +49,8 @@ def run_job(cfg: Any) -> float | None:
 
             found = run_search(plain, hydra_context(), sweep_parent_run_id=sweep_parent)
             if (plain.get("register") or {}).get("enabled") and not sweep_parent:
+                from expforge.registry import register_after
+
                 register_after(plain, found.parent_run_id)
             return found.best_value
         from expforge.runner import run_one
@@ -109,14 +60,6 @@ def run_job(cfg: Any) -> float | None:
         return result.value
 
     return guarded(action)
-
-
-def register_after(plain: dict[str, Any], parent_run_id: str) -> None:
-    """The post-step of a search or sweep when ``register.enabled=true``."""
-    from expforge.registry import print_report, register_best
-
-    reg = {**plain["register"], "parent_run_id": parent_run_id}
-    print_report(register_best(reg, plain["tracking"], plain["paths"]["root"]))
 
 
 def register_job(cfg: Any) -> None:
@@ -130,7 +73,7 @@ def register_job(cfg: Any) -> None:
         report = register_best(plain["register"], plain["tracking"], plain["paths"]["root"])
         print_report(report)
         if not report.passed:
-            sys.exit(2)
+            sys.exit(EXIT_GATE)
 
     guarded(action)
 
@@ -210,7 +153,7 @@ def _check_writable(given: dict[str, Any], root: Path) -> None:
         print(f"error: paths.outputs={outputs} cannot be created ({folder} is not writable); "
               "fix the permissions of the project directory or set paths.outputs=<writable "
               "folder> (and tracking.uri)", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(EXIT_ERROR)
 
 
 def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: str) -> None:
@@ -236,7 +179,7 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
             text = o.input_line or o.key_or_group
             print(f"error: {text} names {o.key_or_group}, which is not a config key; {hint}"
                   f"(to add a new key on purpose: +{text})", file=sys.stderr)
-            sys.exit(1)
+            sys.exit(EXIT_ERROR)
 
 
 _HELP_FLAGS = ("--help", "-h")

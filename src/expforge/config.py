@@ -12,14 +12,18 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from expforge.errors import ConfigError
+from expforge.errors import ConfigError, first_line
 
 __all__ = [
     "PARAM_VALUE_LIMIT",
+    "SearchSchema",
+    "TrackingSchema",
     "check_target",
+    "checked",
     "closest_keys",
     "config_hash",
     "flatten",
@@ -27,6 +31,8 @@ __all__ = [
     "mask_secrets",
     "project_root",
     "register_resolvers",
+    "register_schemas",
+    "slug",
     "to_plain",
     "to_yaml",
 ]
@@ -58,11 +64,13 @@ def project_root() -> Path:
 
 
 def register_resolvers(root: Path | None = None) -> None:
-    """Register ``${expforge.root:}`` so config paths never depend on the working directory."""
+    """Register ``${expforge.root:}``, so config paths never depend on the working directory,
+    and the schemas (``register_schemas``)."""
     from omegaconf import OmegaConf
 
     resolved = str(root or project_root())
     OmegaConf.register_new_resolver("expforge.root", lambda: resolved, replace=True)
+    register_schemas()
 
 
 def to_plain(cfg: Any) -> dict[str, Any]:
@@ -74,8 +82,8 @@ def to_plain(cfg: Any) -> dict[str, Any]:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "config"
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"{key}: {first}; set it on the command line ({key}=...)") from None
+        raise ConfigError(f"{key}: {first_line(exc)}; set it on the command line ({key}=...)"
+                          ) from None
     assert isinstance(plain, dict)
     plain.pop("hydra", None)
     return plain  # type: ignore[return-value]
@@ -151,6 +159,11 @@ def to_yaml(tree: Any) -> str:
     return str(yaml.dump(tree, Dumper=dumper, sort_keys=False, default_flow_style=False))
 
 
+def slug(name: str, default: str = "default") -> str:
+    """A name as a file or folder name: runs of other characters become ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or default
+
+
 def closest_keys(key: str, candidates: Iterable[str]) -> list[str]:
     """Candidates that look like a misspelling of ``key``."""
     return difflib.get_close_matches(key, list(candidates), n=3, cutoff=0.6)
@@ -178,3 +191,111 @@ def check_target(key: str, target: Any, allowed: Iterable[str] = ALLOWED_TARGETS
             f"(+security.allowed_targets=[{str(target).split('.')[0]}.])"
         )
     return str(target)
+
+
+# -- schemas: the settings' types as Hydra structured configs --------------------------------
+
+_WHOLE = {"fix": "give a whole number >= 1", "check": lambda v: v >= 1}
+_SECONDS = {"fix": "give seconds > 0 or null", "check": lambda v: v is None or v > 0}
+
+
+def _choice(*options: str) -> dict[str, Any]:
+    return {"fix": f"choose one of: {', '.join(options)}", "check": lambda v: v in options}
+
+
+@dataclass
+class SearchSchema:
+    """``cfg.search`` of ``search=optuna`` (conf/search/optuna.yaml holds the defaults)."""
+
+    name: str = "optuna"
+    n_trials: int = field(default=20, metadata=_WHOLE)
+    timeout: float | None = field(default=None, metadata=_SECONDS)
+    study_name: str | None = None
+    storage: str | None = None
+    n_workers: int = field(default=1, metadata=_WHOLE)
+    metrics: list[str] | None = None
+    directions: list[str] | None = None
+    sampler: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "optuna.samplers.TPESampler"})
+    pruner: dict[str, Any] | None = None
+    report_every: int = field(default=10, metadata=_WHOLE)
+    log_models: str = field(default="best", metadata=_choice("all", "best", "none"))
+    max_failure_ratio: float = field(default=0.5, metadata={
+        "fix": "give a share in [0, 1) (failed trials do not use the budget, so 1 would retry "
+               "a failing config forever)", "check": lambda v: 0 <= v < 1})
+    heartbeat_interval: int | None = field(
+        default=60, metadata={"fix": "give seconds >= 1 or null",
+                              "check": lambda v: v is None or v >= 1})
+    grace_period: int | None = field(
+        default=180, metadata={"fix": "give seconds >= 1 or null",
+                               "check": lambda v: v is None or v >= 1})
+    top_k: int = field(default=10, metadata=_WHOLE)
+    plots: bool = field(default=True, metadata={"fix": "give true or false"})
+
+
+@dataclass
+class TrackingSchema:
+    """``cfg.tracking`` (conf/tracking/default.yaml holds the defaults)."""
+
+    uri: str = "sqlite:///mlflow.db"
+    artifact_root: str | None = None
+    experiment: str = "expforge"
+    run_name: str | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+    log_model: bool = field(default=True, metadata={"fix": "give true or false"})
+    log_plots: bool = field(default=True, metadata={"fix": "give true or false"})
+    autolog: bool = field(default=False, metadata={"fix": "give true or false"})
+    writer: str = field(default="auto", metadata=_choice("auto", "process", "inline"))
+
+
+SCHEMAS: dict[str, type] = {"search": SearchSchema, "tracking": TrackingSchema}
+
+
+def register_schemas() -> None:
+    """The schemas in Hydra's ConfigStore, as ``search/optuna_schema`` and
+    ``tracking/schema``: the config files put them first in their defaults list, so Hydra
+    types every value as it composes."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(group="search", name="optuna_schema", node=SearchSchema)
+    store.store(group="tracking", name="schema", node=TrackingSchema)
+
+
+def checked(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` of config section ``section`` typed by its schema and checked; the one-line
+    error names the key, the bad value and the fix."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = SCHEMAS[section]
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(schema), dict(values))
+    except OmegaConfBaseException as exc:
+        raise schema_error(section, exc) from None
+    plain = OmegaConf.to_container(typed, resolve=True)
+    assert isinstance(plain, dict)
+    for f in fields(schema):
+        check = f.metadata.get("check")
+        if check is not None and not check(plain[f.name]):
+            raise ConfigError(f"{section}.{f.name}={plain[f.name]} is invalid; "
+                              f"{f.metadata['fix']}")
+    return {str(k): v for k, v in plain.items()}
+
+
+def schema_error(section: str, exc: Exception) -> ConfigError:
+    """Hydra's or OmegaConf's report of a value that does not fit the schema, in one line:
+    ``search.n_trials=many is invalid; give a whole number >= 1``."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    key = str(getattr(cause, "full_key", "") or getattr(exc, "full_key", "") or "")
+    leaf = key.rsplit(".", 1)[-1]
+    schema = SCHEMAS.get(section) or SCHEMAS.get(key.split(".", 1)[0])
+    known = {f.name: f for f in fields(schema)} if schema else {}
+    full = key if "." in key or not key else f"{section}.{key}"
+    value = getattr(cause, "value", None)
+    if value is None:
+        found = re.search(r"Value '([^']*)'", str(cause))
+        value = found.group(1) if found else "?"
+    if leaf in known and "fix" in known[leaf].metadata:
+        return ConfigError(f"{full}={value} is invalid; {known[leaf].metadata['fix']}")
+    return ConfigError(f"{full}: {first_line(cause)}")

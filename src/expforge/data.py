@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from expforge.errors import DataError
+from expforge.errors import DataError, first_line
 
 __all__ = ["TASKS", "Dataset", "Split", "load_data"]
 
@@ -329,8 +329,7 @@ def _read_table(
     except pd.errors.EmptyDataError:
         raise DataError(f"{key}={path} is empty; it needs a header and at least one row") from None
     except (ValueError, KeyError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{key}={path} cannot be read: {first}") from None
+        raise DataError(f"{key}={path} cannot be read: {first_line(exc)}") from None
     if frame.empty:
         raise DataError(f"{key}={path} has no rows; it needs at least one row of data")
     return frame

@@ -22,6 +22,8 @@ __all__ = [
     "RegistryError",
     "SearchError",
     "TrackingError",
+    "error_line",
+    "first_line",
 ]
 
 
@@ -51,3 +53,16 @@ class SearchError(ExpforgeError):
 
 class RegistryError(ExpforgeError):
     """Selection, gating or registration cannot proceed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what
+    an error of ours quotes from a library's."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def error_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: a failed run's ``error`` tag."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:5000]

@@ -7,7 +7,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["default_objective", "direction_of", "metric_names", "score", "score_split"]
+from expforge.errors import ConfigError, ExpforgeError
+
+__all__ = ["DIRECTIONS", "better", "check_direction", "default_objective", "direction_of",
+           "metric_names", "ranking_key", "score", "score_split"]
+
+DIRECTIONS = ("minimize", "maximize")
 
 REGRESSION = ("rmse", "mae", "r2")
 CLASSIFICATION = ("accuracy", "f1", "roc_auc", "log_loss")
@@ -33,6 +38,31 @@ def direction_of(metric: str) -> str:
     """The natural direction of a metric name such as ``test_r2``."""
     name = metric.split("_", 1)[-1]
     return "maximize" if name in _HIGHER_IS_BETTER else "minimize"
+
+
+def check_direction(key: str, value: object,
+                    error: type[ExpforgeError] = ConfigError) -> str:
+    """``value`` if it is a direction, else the one-line error naming ``key``."""
+    if value not in DIRECTIONS:
+        raise error(f"{key}={value} is not a direction; use minimize or maximize")
+    return str(value)
+
+
+def better(value: float, than: float | None, direction: str) -> bool:
+    """Whether ``value`` improves on ``than`` in ``direction``; NaN never does, and anything
+    else improves on nothing (``None`` or NaN)."""
+    if math.isnan(value):
+        return False
+    if than is None or math.isnan(than):
+        return True
+    return value < than if direction == "minimize" else value > than
+
+
+def ranking_key(value: float, direction: str) -> float:
+    """Sorts best first (ascending), NaN last."""
+    if math.isnan(value):
+        return math.inf
+    return value if direction == "minimize" else -value
 
 
 def score_split(

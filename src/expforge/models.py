@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from expforge.config import ALLOWED_TARGETS, check_target
-from expforge.errors import ConfigError, ModelError
+from expforge.errors import ConfigError, ModelError, first_line
 
 __all__ = [
     "META_KEYS", "build_model", "estimator_params", "param_key",
@@ -154,6 +154,4 @@ def _explain_bad_params(model_cfg: Mapping[str, Any], task: str, target: str,
             f"{param_key(model_cfg, task, key)}={params[key]} is not a parameter of {cls_name} "
             f"(model={name}); {hint}valid: {', '.join(sorted(accepted))}"
         )
-    cause = exc.__cause__ or exc
-    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-    return f"{cls_name} (model={name}) cannot be built: {first}"
+    return f"{cls_name} (model={name}) cannot be built: {first_line(exc.__cause__ or exc)}"

@@ -15,15 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expforge.config import mask_uri
 from expforge.data import load_data
 from expforge.errors import RegistryError
-from expforge.metrics import direction_of, score
-from expforge.tracking import TrackingSettings, connect, tracked_run
+from expforge.metrics import better, check_direction, direction_of, ranking_key, score
+from expforge.tracking import (
+    RunRecord,
+    TrackingSettings,
+    check_reachable,
+    open_store,
+    queries,
+    reader,
+)
+from expforge.tracking.models import alias_version, load_model, register_version
 
-__all__ = ["Candidate", "RegisterSettings", "Report", "register_best"]
-
-_PARENT_ROLES = ("study", "sweep")
+__all__ = ["Candidate", "RegisterSettings", "Report", "print_report", "register_after",
+           "register_best"]
 
 
 @dataclass(frozen=True)
@@ -63,10 +69,8 @@ class RegisterSettings:
                 higher = direction_of(str(c["metric"])) == "maximize"
             criteria.append(Criterion(str(c["metric"]), float(c["threshold"]), bool(higher)))
         direction = reg.get("direction")
-        if direction not in (None, "minimize", "maximize"):
-            raise RegistryError(
-                f"register.direction={direction} is invalid; use minimize or maximize"
-            )
+        if direction is not None:
+            check_direction("register.direction", direction, RegistryError)
         top_n = reg.get("top_n")
         if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
             raise RegistryError(f"register.top_n={top_n} is invalid; give a whole number >= 1")
@@ -123,15 +127,14 @@ def register_best(
     reg: Mapping[str, Any], tracking: Mapping[str, Any], root: str | Path = "."
 ) -> Report:
     """The whole post-step; raises ``RegistryError`` with one clear line when it cannot."""
-    import mlflow
-
     settings = RegisterSettings.from_config(reg)
     track = TrackingSettings.from_config(
         {**tracking, "experiment": settings.experiment or tracking["experiment"]}
     )
     key = "register.experiment" if settings.experiment else "tracking.experiment"
-    experiment_id = _existing_experiment(track, key)
-    client = mlflow.MlflowClient(track.uri)
+    check_reachable(track.uri)
+    client = reader(track.uri)
+    experiment_id = queries.existing_experiment(client, track.experiment, key)
     target, runs = _candidate_runs(client, experiment_id, settings)
     candidates = _with_models(client, experiment_id, runs, target)
     metric, direction = _objective(settings, candidates)
@@ -155,23 +158,6 @@ def register_best(
 # -- candidates ----------------------------------------------------------------------------
 
 
-def _existing_experiment(track: TrackingSettings, key: str) -> str:
-    import mlflow
-
-    from expforge.tracking import check_reachable
-
-    check_reachable(track.uri)
-    mlflow.set_tracking_uri(track.uri)
-    mlflow.set_registry_uri(track.uri)
-    found = mlflow.MlflowClient(track.uri).get_experiment_by_name(track.experiment)
-    if found is None:
-        raise RegistryError(
-            f"{key}={track.experiment} does not exist in {mask_uri(track.uri)}; run an "
-            "experiment first or set register.experiment to one that exists"
-        )
-    return str(found.experiment_id)
-
-
 def _candidate_runs(client: Any, experiment_id: str,
                     settings: RegisterSettings) -> tuple[str, list[Any]]:
     finished = "attributes.status = 'FINISHED'"
@@ -181,7 +167,7 @@ def _candidate_runs(client: Any, experiment_id: str,
     elif settings.filter:
         target = f"runs matching {settings.filter!r}"
     else:
-        parents = _latest_parents(client, experiment_id)
+        parents = queries.latest_parents(client, experiment_id)
         if parents:
             parent = parents[0].info.run_id
             target = (f"the latest {parents[0].data.tags['expforge.role']} {parent} "
@@ -189,11 +175,11 @@ def _candidate_runs(client: Any, experiment_id: str,
         else:
             target = "every run of the experiment"
     if parent:
-        runs = _descendants(client, experiment_id, parent, finished)
+        runs = queries.descendants(client, experiment_id, parent)
     else:
         where = f"{finished} and {settings.filter}" if settings.filter else finished
-        runs = [r for r in _search(client, experiment_id, where)
-                if r.data.tags.get("expforge.role") not in _PARENT_ROLES]
+        runs = [r for r in queries.search_all(client, experiment_id, where)
+                if r.data.tags.get("expforge.role") not in queries.PARENT_ROLES]
     if not runs:
         raise RegistryError(
             f"no FINISHED candidate runs among {target}; run a search or sweep first "
@@ -203,63 +189,9 @@ def _candidate_runs(client: Any, experiment_id: str,
     return target, runs
 
 
-def _latest_parents(client: Any, experiment_id: str) -> list[Any]:
-    """Top-level study and sweep parents, newest first (a study inside a sweep is skipped:
-    its sweep is the target)."""
-    found = []
-    for role in _PARENT_ROLES:
-        found += client.search_runs(
-            [experiment_id], f"tags.`expforge.role` = '{role}'",
-            order_by=["attributes.start_time DESC"], max_results=20,
-        )
-    top = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
-    return sorted(top, key=lambda r: r.info.start_time, reverse=True)
-
-
-def _descendants(client: Any, experiment_id: str, parent: str, finished: str) -> list[Any]:
-    """The runs under ``parent``; a study under a sweep contributes its trials."""
-    runs = []
-    for r in _search(client, experiment_id, f"tags.mlflow.parentRunId = '{parent}'"):
-        if r.data.tags.get("expforge.role") in _PARENT_ROLES:
-            runs.extend(_descendants(client, experiment_id, r.info.run_id, finished))
-        elif r.info.status == "FINISHED":
-            runs.append(r)
-    return runs
-
-
-def _search(client: Any, experiment_id: str, where: str) -> list[Any]:
-    """Every run matching ``where``, page by page."""
-    from mlflow.exceptions import MlflowException
-
-    runs: list[Any] = []
-    token = None
-    try:
-        while True:
-            page = client.search_runs([experiment_id], where, max_results=1000,
-                                      page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
-    except MlflowException as exc:
-        first = str(exc.message).splitlines()[0]
-        raise RegistryError(f"cannot search runs with filter {where!r}: {first}; fix "
-                            "register.filter (MLflow search syntax)") from None
-
-
 def _with_models(client: Any, experiment_id: str, runs: list[Any],
                  target: str) -> list[Candidate]:
-    by_run: dict[str, str] = {}
-    token = None
-    while True:
-        page = client.search_logged_models(experiment_ids=[experiment_id], page_token=token,
-                                           max_results=1000)
-        for m in page:
-            if m.source_run_id and m.source_run_id not in by_run:
-                by_run[m.source_run_id] = f"models:/{m.model_id}"
-        token = page.token
-        if not token:
-            break
+    by_run = queries.logged_models(client, experiment_id)
     found = [Candidate(r, by_run[r.info.run_id], dict(r.data.metrics))
              for r in runs if r.info.run_id in by_run]
     if not found:
@@ -291,12 +223,9 @@ def _objective(settings: RegisterSettings, candidates: list[Candidate]) -> tuple
 
 def _rank(candidates: list[Candidate], metric: str, direction: str) -> list[Candidate]:
     """Best first by ``metric``; ties go to the faster fit."""
-    sign = 1.0 if direction == "minimize" else -1.0
-
     def key(c: Candidate) -> tuple[float, float]:
-        value = c.metrics.get(metric, math.nan)
-        primary = math.inf if math.isnan(value) else sign * value
-        return primary, c.metrics.get("fit_time_s", math.inf)
+        return (ranking_key(c.metrics.get(metric, math.nan), direction),
+                c.metrics.get("fit_time_s", math.inf))
 
     return sorted((c for c in candidates if metric in c.metrics), key=key)
 
@@ -307,32 +236,36 @@ def _rank(candidates: list[Candidate], metric: str, direction: str) -> list[Cand
 def _reevaluate(top: list[Candidate], settings: RegisterSettings, track: TrackingSettings,
                 root: str | Path, report: Report) -> tuple[Candidate, str, str]:
     """Score each of the top candidates on its test split, logging a run per candidate."""
-    import mlflow
     import yaml
 
     base = report.metric.split("_", 1)[-1]
     select_by = settings.select_by or f"test_{base}"
     direction = direction_of(select_by)
-    eval_experiment = f"{track.experiment}-best-models"
-    eval_track = TrackingSettings(uri=track.uri, experiment=eval_experiment,
+    eval_track = TrackingSettings(uri=track.uri, experiment=f"{track.experiment}-best-models",
                                   artifact_root=track.artifact_root)
-    eval_id = connect(eval_track)
+    store = open_store(eval_track)
+    eval_id = store.connect(eval_track)
+    client = reader(track.uri)
     datasets: dict[str, Any] = {}
     for cand in top:
-        text = mlflow.artifacts.load_text(f"runs:/{cand.run_id}/config.yaml")
+        text = queries.read_text(client, cand.run_id, "config.yaml")
+        if text is None:
+            raise RegistryError(
+                f"run {cand.run_id} has no config.yaml, so it cannot be re-evaluated; drop "
+                "register.top_n or pick runs that expforge recorded")
         cfg = yaml.safe_load(text)
         key = yaml.safe_dump(cfg["data"]) + str(cfg.get("seed"))
         if key not in datasets:
             datasets[key] = load_data(cfg["data"], int(cfg.get("seed", 0)), root)
         dataset = datasets[key]
-        model = mlflow.sklearn.load_model(cand.model_uri)
+        model = load_model(track.uri, cand.model_uri)
         metrics, _ = score(model, dataset)
         tags = {"source_run_id": cand.run_id, "source_model_uri": cand.model_uri,
                 "expforge.role": "reevaluation"}
-        with tracked_run(eval_id, run_name=f"reeval-{cand.run_id[:8]}", tags=tags):
-            mlflow.log_params({"source_run_id": cand.run_id, "model_uri": cand.model_uri,
-                               "dataset_digest": dataset.digest})
-            mlflow.log_metrics(metrics)
+        run_id = store.wait(store.create_run(eval_id, f"reeval-{cand.run_id[:8]}", tags))
+        store.write(RunRecord(run_id, metrics=metrics,
+                              params={"source_run_id": cand.run_id, "model_uri": cand.model_uri,
+                                      "dataset_digest": dataset.digest}))
         cand.metrics.update(metrics)
         report.reevaluated.append((cand.run_id, {k: v for k, v in metrics.items()
                                                  if k.startswith("test_")}))
@@ -363,7 +296,7 @@ def _gate(client: Any, winner: Candidate, settings: RegisterSettings, name: str,
         report.gate.append(f"{c.metric} = {value:.6g} {sign} {c.threshold:g}: {verdict}")
         ok = ok and good
     if settings.must_beat_champion:
-        current = _alias_version(client, name, settings.alias)
+        current = alias_version(client, name, settings.alias)
         recorded = current.tags.get(f"metric.{metric}") if current else None
         if current is None or recorded is None:
             report.gate.append(f"no {settings.alias} with {metric} yet: pass")
@@ -371,7 +304,7 @@ def _gate(client: Any, winner: Candidate, settings: RegisterSettings, name: str,
             report.gate.append(f"the winner already is {settings.alias} v{current.version}: pass")
         else:
             theirs, ours = float(recorded), winner.metrics[metric]
-            good = ours < theirs if direction == "minimize" else ours > theirs
+            good = better(ours, theirs, direction)
             verdict = "pass" if good else f"FAIL by {abs(ours - theirs):.4g}"
             report.gate.append(f"{metric} = {ours:.6g} beats {settings.alias} "
                                f"v{current.version} ({theirs:.6g}): {verdict}")
@@ -379,31 +312,14 @@ def _gate(client: Any, winner: Candidate, settings: RegisterSettings, name: str,
     return ok
 
 
-def _alias_version(client: Any, name: str, alias: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
 def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
              report: Report) -> None:
-    from mlflow.exceptions import MlflowException
-
-    current = _alias_version(client, name, alias)
+    current = alias_version(client, name, alias)
     if current is not None and current.run_id == winner.run_id:
         report.version, report.created = str(current.version), False
         report.note = (f"run {winner.run_id} already is {name}@{alias} (version "
                        f"{current.version}); no new version")
         return
-    created_model = False
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="Registered by expforge.")
-        created_model = True
     tags = winner.run.data.tags
     version_tags = {
         "source_run_id": winner.run_id,
@@ -417,28 +333,17 @@ def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
         f"{report.considered} candidates: {report.target}."
         + (f" Gate: {'; '.join(report.gate)}." if report.gate else "")
     )
-    try:
-        version = client.create_model_version(
-            name, source=winner.model_uri, run_id=winner.run_id, tags=version_tags,
-            description=description, model_id=winner.model_uri.removeprefix("models:/"),
-        )
-    except BaseException:
-        if created_model:  # no empty registered model left behind either
-            client.delete_registered_model(name)
-        raise
-    try:
-        if current is not None:
-            client.set_registered_model_alias(name, "previous", current.version)
-        client.set_registered_model_alias(name, alias, version.version)
-    except BaseException:
-        # No half-registered model: a version without its alias is removed again.
-        client.delete_model_version(name, version.version)
-        if current is not None:
-            client.set_registered_model_alias(name, alias, current.version)
-        raise
-    report.version, report.created = str(version.version), True
-    report.note = (f"registered {name} version {version.version}; {alias} -> v{version.version}"
+    version = register_version(client, name, winner.model_uri, winner.run_id, version_tags,
+                               description, alias, current)
+    report.version, report.created = version, True
+    report.note = (f"registered {name} version {version}; {alias} -> v{version}"
                    + (f", previous -> v{current.version}" if current is not None else ""))
+
+
+def register_after(plain: Mapping[str, Any], parent_run_id: str) -> None:
+    """The post-step of a search or sweep when ``register.enabled=true``."""
+    reg = {**plain["register"], "parent_run_id": parent_run_id}
+    print_report(register_best(reg, plain["tracking"], plain["paths"]["root"]))
 
 
 def print_report(report: Report) -> None:

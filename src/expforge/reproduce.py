@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expforge.config import MASK, flatten
-from expforge.errors import ConfigError, TrackingError
+from expforge.errors import ConfigError
 from expforge.runner import RunContext, RunResult, run_one
-from expforge.tracking import TrackingSettings, connect
+from expforge.tracking import TrackingSettings, check_reachable, queries, reader
 
 __all__ = ["Reproduction", "reproduce_run"]
 
@@ -34,26 +34,18 @@ class Reproduction:
 
 def reproduce_run(run_id: str, current: Mapping[str, Any]) -> Reproduction:
     """Train the recorded config of ``run_id`` again (in ``current``'s store and root)."""
-    import mlflow
     import yaml
 
     tracking = TrackingSettings.from_config(current["tracking"])
-    connect(tracking)
-    client = mlflow.MlflowClient(tracking.uri)
-    try:
-        source = client.get_run(run_id)
-    except Exception:
-        raise TrackingError(
-            f"reproduce={run_id} is not a run in {tracking.uri}; copy the id from the UI or "
-            "the run summary, and point tracking.uri at its store"
-        ) from None
-    try:
-        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
-    except Exception:
+    check_reachable(tracking.uri)
+    client = reader(tracking.uri)
+    source = queries.require_run(client, run_id, "reproduce")
+    text = queries.read_text(client, run_id, "config.yaml")
+    if text is None:
         raise ConfigError(
             f"reproduce={run_id}: the run has no config.yaml artifact (it was not recorded by "
             "expforge, or it is a study/sweep parent); pick a single run or a trial"
-        ) from None
+        )
     cfg = yaml.safe_load(text)
     masked = [k for k, v in flatten(cfg).items() if v == MASK]
     if masked:
@@ -69,7 +61,7 @@ def reproduce_run(run_id: str, current: Mapping[str, Any]) -> Reproduction:
     tags = source.data.tags
     context = RunContext(choices={k: tags[k] for k in ("model", "data") if k in tags})
     result, _ = run_one(cfg, context, extra_tags={"reproduced_from": run_id},
-                        log_plot_artifacts=False)
+                        log_plots=False)
     new_tags = client.get_run(result.run_id).data.tags
     return Reproduction(source, result, _differences(tags, new_tags))
 

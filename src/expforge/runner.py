@@ -1,41 +1,49 @@
-"""One run: data -> model -> fit -> score -> log, recorded as one complete MLflow run."""
+"""One run: data -> model -> fit -> score, recorded as one complete MLflow run.
+
+Every run takes the same path through a ``tracking.Store``: created RUNNING when its fit
+starts, written in one go when it ends (params, metrics, tags, config, dataset inputs, its
+end), then given its model and plots. A single run opens a store of its own; a search's
+trials pass theirs.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from expforge import config as config_mod
-from expforge import start_up_done, tracking
 from expforge.data import Dataset, load_data
-from expforge.errors import ConfigError, ModelError
-from expforge.metrics import default_objective, direction_of, metric_names, score
+from expforge.errors import ConfigError, ModelError, error_line, first_line
+from expforge.metrics import (
+    check_direction,
+    default_objective,
+    direction_of,
+    metric_names,
+    score,
+)
 from expforge.models import build_model, param_key
+from expforge.process import start_up_done
 from expforge.tracking import (
     RunRecord,
-    RunWriter,
+    Store,
     TrackingSettings,
-    connect,
     describe_dataset,
-    error_line,
     git_info,
-    interrupts_deferred,
-    log_datasets,
-    log_figures,
-    log_model,
-    log_params,
-    tracked_run,
+    open_store,
     versions,
 )
 
 __all__ = [
-    "Objective", "RunContext", "RunResult", "attach_model", "config_texts", "fit", "fitted_model",
-    "objective_of", "record_of", "run_one", "submit_figures",
+    "Objective", "RunContext", "RunResult", "attach_figures", "attach_model", "config_texts",
+    "fit", "fitted_model", "objective_of", "record_of", "run_one",
 ]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
@@ -72,13 +80,8 @@ class RunResult:
     metrics: dict[str, float]
     objective: Objective
     value: float
+    tracking_uri: str = ""
     model_uri: str | None = None
-
-    @property
-    def tracking_uri(self) -> str:
-        import mlflow
-
-        return mlflow.get_tracking_uri()
 
 
 def objective_of(plain: Mapping[str, Any], task: str) -> Objective:
@@ -90,8 +93,7 @@ def objective_of(plain: Mapping[str, Any], task: str) -> Objective:
         default_direction = direction_of(str(metric))
     if direction in (None, "auto"):
         direction = default_direction
-    if direction not in ("minimize", "maximize"):
-        raise ConfigError(f"direction={direction} is not a direction; use minimize or maximize")
+    check_direction("direction", direction)
     known = metric_names(task)
     if metric not in known:
         raise ConfigError(
@@ -106,25 +108,24 @@ def run_one(
     context: RunContext | None = None,
     *,
     dataset: Dataset | None = None,
+    store: Store | None = None,
     experiment_id: str | None = None,
     parent_run_id: str | None = None,
     extra_tags: Mapping[str, str] | None = None,
     n_jobs: int | None = None,
-    log_model_artifact: bool | None = None,
-    log_plot_artifacts: bool | None = None,
+    log_model: bool | None = None,
+    log_plots: bool | None = None,
     reporter: Reporter | None = None,
     on_start: Callable[[str], None] | None = None,
     stop_early: tuple[type[BaseException], ...] = (),
-    writer: RunWriter | None = None,
     end_tags: Callable[[BaseException | None], Mapping[str, str]] | None = None,
 ) -> tuple[RunResult, Any]:
     """Train and record one run of the resolved config ``plain``; return it and the model.
 
-    The keyword arguments let a search reuse the loaded dataset and the store connection, hang
-    the run under its parent, and report intermediate values for pruning (``stop_early``
-    ends the run FINISHED). With a ``writer`` (a search's trials) the run is created when the
-    fit starts and written in one go at its end (see ``RunWriter``); ``end_tags(error)`` adds
-    the tags that depend on how the run ended. Models and plots are logged only without one.
+    A search passes its loaded ``dataset``, its ``store`` and ``experiment_id``, the parent
+    run, a ``reporter`` for pruning (``stop_early`` exceptions end the run FINISHED) and
+    ``end_tags(error)``, the tags that depend on how the run ended. ``log_model`` and
+    ``log_plots`` default to ``tracking.log_model`` and ``tracking.log_plots``.
     """
     context = context or RunContext()
     settings = TrackingSettings.from_config(plain["tracking"])
@@ -134,72 +135,53 @@ def run_one(
         dataset = load_data(plain["data"], int(plain["seed"]), root)
     objective = objective_of(plain, dataset.task)
     model = _build(plain, dataset, n_jobs)
-    if experiment_id is None:
-        experiment_id = connect(settings)
-    masked = config_mod.mask_secrets(plain)
-    tags = {
+    own = store is None
+    store = store or open_store(settings)
+    try:
+        if experiment_id is None:
+            experiment_id = store.connect(settings)
+        run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
+        want_model = settings.log_model if log_model is None else log_model
+        want_plots = settings.log_plots if log_plots is None else log_plots
+        record = record_of(plain, context, dataset)
+        created = store.create_run(experiment_id, run_name,
+                                   _tags(plain, context, dataset, objective, settings,
+                                         extra_tags),
+                                   parent_run_id, on_start)
+        autolog = settings.autolog and own
+        val_outputs = _fit_recorded(store, created, model, dataset, plain["model"], record,
+                                    reporter, stop_early, end_tags,
+                                    autolog=(settings.uri, want_model) if autolog else None)
+        model_uri = None
+        if want_model and not autolog:
+            attach_model(store, record.run_id, model, dataset)
+            if own:
+                model_uri = store.model_of(experiment_id, record.run_id)
+        if want_plots:
+            attach_figures(store, record.run_id, _model_figures(model, dataset, val_outputs))
+        store.flush()
+    finally:
+        if own:
+            store.close()
+    return RunResult(record.run_id, experiment_id, record.metrics, objective,
+                     float(record.metrics[objective.metric]), settings.uri, model_uri), model
+
+
+def _tags(plain: Mapping[str, Any], context: RunContext, dataset: Dataset,
+          objective: Objective, settings: TrackingSettings,
+          extra: Mapping[str, str] | None) -> dict[str, str]:
+    return {
         **{k: str(v) for k, v in context.choices.items() if k in ("model", "data", "search")},
         "config_hash": config_mod.config_hash(plain),
         "dataset_digest": dataset.digest,
         "task": dataset.task,
         "objective.metric": objective.metric,
         "objective.direction": objective.direction,
-        **git_info(str(root)),
+        **git_info(str(plain["paths"]["root"])),
         **{f"versions.{k}": v for k, v in versions().items()},
         **config_mod.mask_secrets(settings.tags),
-        **(extra_tags or {}),
+        **(extra or {}),
     }
-    run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
-    want_model = settings.log_model if log_model_artifact is None else log_model_artifact
-    want_plots = settings.log_plots if log_plot_artifacts is None else log_plot_artifacts
-
-    if writer is not None:
-        record = record_of(plain, context, dataset)
-        created = writer.create_run(experiment_id, run_name, tags, parent_run_id, on_start)
-        metrics = _run_deferred(writer, created, model, dataset, plain["model"], record,
-                                reporter, stop_early, end_tags)
-        return RunResult(record.run_id, experiment_id, metrics, objective,
-                         float(metrics[objective.metric])), model
-
-    import mlflow
-
-    if settings.autolog:
-        _autolog(enable=True, log_models=want_model)
-    try:
-        with tracked_run(experiment_id, run_name, tags, parent_run_id,
-                         stop_early=stop_early) as run:
-            run_id = run.info.run_id
-            if on_start is not None:
-                on_start(run_id)
-            log_params(config_mod.param_values(masked, exclude=_UNLOGGED))
-            for path, text in config_texts(masked, context).items():
-                mlflow.log_text(text, path)
-            log_datasets(run_id, dataset)
-            fit_time = fit(model, dataset, plain["model"], reporter)
-            metrics, val_outputs = score(model, dataset)
-            metrics["fit_time_s"] = fit_time
-            model_uri = None
-            with interrupts_deferred():  # this process's own writes (see there)
-                mlflow.log_metrics(metrics)
-                if want_plots:
-                    from expforge.plots import model_figures
-
-                    log_figures(model_figures(model, dataset.task, dataset.classes,
-                                              dataset.val.y, val_outputs))
-                if want_model and not settings.autolog:
-                    model_uri = log_model(model, dataset.train.X).model_uri
-        result = RunResult(
-            run_id=run_id,
-            experiment_id=experiment_id,
-            metrics=metrics,
-            objective=objective,
-            value=float(metrics[objective.metric]),
-            model_uri=model_uri,
-        )
-        return result, model
-    finally:
-        if settings.autolog:
-            _autolog(enable=False)
 
 
 def record_of(plain: Mapping[str, Any], context: RunContext, dataset: Dataset) -> RunRecord:
@@ -218,9 +200,9 @@ def config_texts(masked: Mapping[str, Any], context: RunContext) -> dict[str, st
     return texts
 
 
-def _run_deferred(
-    writer: RunWriter,
-    created: Any,
+def _fit_recorded(
+    store: Store,
+    created: Future[str],
     model: Any,
     dataset: Dataset,
     model_cfg: Mapping[str, Any],
@@ -228,19 +210,27 @@ def _run_deferred(
     reporter: Reporter | None,
     stop_early: tuple[type[BaseException], ...],
     end_tags: Callable[[BaseException | None], Mapping[str, str]] | None,
-) -> dict[str, float]:
-    """Fit and score while the writer creates the run (``created``, a future of its id); hand
-    the finished run to the writer.
+    autolog: tuple[str, bool] | None = None,
+) -> dict[str, Any]:
+    """Fit and score while the store creates the run (``created``, a future of its id); hand
+    the finished run over in one record. The validation outputs, for the plots.
 
-    Like ``tracked_run``, every way out ends the run: FINISHED (also ``stop_early``), FAILED
-    with the error tag and traceback, or KILLED; an interrupt waits for the pending writes.
+    Every way out ends the run: FINISHED (also ``stop_early``), FAILED with the error tag and
+    the traceback, or KILLED; an interrupt waits for the pending writes.
     """
     error: BaseException | None = None
     try:
-        fit_time = fit(model, dataset, model_cfg, reporter)
-        record.metrics, _ = score(model, dataset)
+        if autolog is not None:  # the fluent run that MLflow's autologging logs into
+            from expforge.tracking.models import autologged
+
+            logging = autologged(autolog[0], store.wait(created), log_models=autolog[1])
+        else:
+            logging = nullcontext()
+        with logging:
+            fit_time = fit(model, dataset, model_cfg, reporter)
+        record.metrics, val_outputs = score(model, dataset)
         record.metrics["fit_time_s"] = fit_time
-        return record.metrics
+        return val_outputs
     except (KeyboardInterrupt, SystemExit) as exc:
         error, record.status = exc, "KILLED"
         raise
@@ -250,29 +240,16 @@ def _run_deferred(
     except BaseException as exc:
         error, record.status = exc, "FAILED"
         record.tags["error"] = error_line(exc)
-        import traceback
-
         record.texts["error/traceback.txt"] = traceback.format_exc()
         raise
     finally:
-        record.run_id = writer.wait(created)
+        record.run_id = store.wait(created)
         if end_tags is not None:
             record.tags.update(end_tags(error))
         record.end_time = int(time.time() * 1000)
-        writer.write(record)
+        store.write(record)
         if record.status == "KILLED":
-            writer.flush()
-
-
-def _autolog(enable: bool, log_models: bool = True) -> None:
-    """MLflow's own sklearn and xgboost autologging, switched on for one run only."""
-    import mlflow
-
-    for flavor in (mlflow.sklearn, mlflow.xgboost):
-        if enable:
-            flavor.autolog(log_models=log_models, log_datasets=False, silent=True)
-        else:
-            flavor.autolog(disable=True, silent=True)
+            store.flush()
 
 
 def fit(
@@ -391,7 +368,7 @@ def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any], task: str) -> 
     from sklearn.utils._param_validation import InvalidParameterError
 
     estimator = model_cfg.get("name", "model")
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = first_line(exc)
     if isinstance(exc, InvalidParameterError):
         match = re.search(r"The '(\w+)' parameter", first)
         if match:
@@ -420,29 +397,32 @@ def _build(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None) -> An
     )
 
 
-def attach_model(writer: RunWriter, run_id: str, model: Any, dataset: Dataset,
-                 plots: bool = True) -> None:
-    """Log a fitted model (and its plots) into an ended run, through ``writer``: a writer
-    process logs the model while this process draws the plots."""
-    writer.submit(tracking.attach_model, run_id, model, dataset.train.X.head(5))
-    if plots:
-        from expforge.plots import model_figures
-
-        _, val_outputs = score(model, dataset)
-        figures = model_figures(model, dataset.task, dataset.classes, dataset.val.y,
-                                val_outputs)
-        submit_figures(writer, run_id, figures)
+def attach_model(store: Store, run_id: str, model: Any, dataset: Dataset) -> None:
+    """Log a fitted model into a run, with five raw rows as its input example."""
+    store.attach_model(run_id, model, dataset.train.X.head(5))
 
 
-def submit_figures(writer: RunWriter, run_id: str, figures: dict[str, Any]) -> None:
-    """Figures onto a run through ``writer``, as PNG files drawn here."""
+def attach_figures(store: Store, run_id: str, figures: dict[str, Any]) -> None:
+    """Figures onto a run, as PNG files drawn here (a writer process logs them)."""
     import shutil
 
     from expforge.plots import save_figures
 
     folder = save_figures(figures)
     try:
-        writer.submit(tracking.log_files, run_id, folder)
+        store.attach_files(run_id, folder)
     except BaseException:  # not handed over
         shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def model_figures(model: Any, dataset: Dataset) -> dict[str, Any]:
+    """The model's diagnostic plots on the validation split (scored again)."""
+    _, val_outputs = score(model, dataset)
+    return _model_figures(model, dataset, val_outputs)
+
+
+def _model_figures(model: Any, dataset: Dataset, val_outputs: dict[str, Any]) -> dict[str, Any]:
+    from expforge.plots import model_figures as draw
+
+    return draw(model, dataset.task, dataset.classes, dataset.val.y, val_outputs)

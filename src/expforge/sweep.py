@@ -18,6 +18,11 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from expforge.config import mask_overrides
+from expforge.metrics import ranking_key
+from expforge.process import guarded
+from expforge.tracking import RunRecord, TrackingSettings, open_store, queries, reader
+
 __all__ = ["ENV_PARENT", "SweepParent"]
 
 ENV_PARENT = "EXPFORGE_SWEEP_PARENT_RUN_ID"
@@ -34,32 +39,21 @@ class SweepParent(Callback):
     """Registered in ``conf/config.yaml`` under ``hydra.callbacks``."""
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
-        from expforge.cli import guarded
-
         guarded(lambda: self._start(config))
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        from expforge.cli import guarded
-
         guarded(lambda: self._end(config))
 
     def _start(self, config: Any) -> None:
-        import mlflow
-
-        from expforge.config import mask_overrides
-        from expforge.tracking import TrackingSettings, connect
-
         tracking = TrackingSettings.from_config(_section(config, "tracking"))
-        experiment_id = connect(tracking)
+        store = open_store(tracking)
+        experiment_id = store.connect(tracking)
         overrides = [str(o) for o in config.hydra.overrides.task]
-        name = f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-        run = mlflow.MlflowClient(tracking.uri).create_run(
-            experiment_id,
-            run_name=name,
-            tags={"expforge.role": "sweep", "hydra.overrides": " ".join(mask_overrides(overrides)),
-                  **tracking.tags},
-        )
-        os.environ[ENV_PARENT] = run.info.run_id
+        tags = {"expforge.role": "sweep", "hydra.overrides": " ".join(mask_overrides(overrides)),
+                **tracking.tags}
+        created = store.create_run(experiment_id, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags)
+        os.environ[ENV_PARENT] = store.wait(created)
         # A failing job or Ctrl-C ends a sweep without on_multirun_end: never leave it RUNNING.
         atexit.register(self._abandon, config)
 
@@ -68,63 +62,57 @@ class SweepParent(Callback):
             self._end(config, aborted=True)
 
     def _end(self, config: Any, aborted: bool = False) -> None:
-        import mlflow
-
         parent_id = os.environ.pop(ENV_PARENT, None)
         if not parent_id:
             return
         atexit.unregister(self._abandon)
-        tracking = _section(config, "tracking")
-        client = mlflow.MlflowClient(tracking["uri"])
+        tracking = TrackingSettings.from_config(_section(config, "tracking"))
+        client = reader(tracking.uri)
         parent = client.get_run(parent_id)
-        jobs = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent_id}'",
-                                  order_by=["attributes.start_time ASC"])
-        import pandas as pd
+        jobs = queries.child_runs(client, parent.info.experiment_id, parent_id)
+        record = RunRecord(parent_id)
+        if jobs:
+            import pandas as pd
 
-        rows = []
-        for r in jobs:
-            row = {"run_id": r.info.run_id, "run_name": r.info.run_name,
-                   "status": r.info.status,
-                   **{k: r.data.tags[k] for k in ("model", "data") if k in r.data.tags},
-                   **dict(sorted(r.data.metrics.items()))}
-            rows.append(row)
-        if rows:
-            client.log_text(parent_id, pd.DataFrame(rows).to_csv(index=False), "jobs.csv")
+            rows = [{"run_id": r.info.run_id, "run_name": r.info.run_name,
+                     "status": r.info.status,
+                     **{k: r.data.tags[k] for k in ("model", "data") if k in r.data.tags},
+                     **dict(sorted(r.data.metrics.items()))} for r in jobs]
+            record.texts["jobs.csv"] = pd.DataFrame(rows).to_csv(index=False)
         best = _best_jobs(jobs)
         for metric, run in best.items():
             suffix = "" if len(best) == 1 else f".{metric}"  # jobs of different tasks
-            client.set_tag(parent_id, f"best_run_id{suffix}", run.info.run_id)
-            client.set_tag(parent_id, f"best_run_name{suffix}", run.info.run_name)
-            client.log_metric(parent_id, f"best_{metric}", _value(run, metric))
-        failed = aborted or any(r.info.status != "FINISHED" for r in jobs)
-        client.set_terminated(parent_id, "FAILED" if failed or not jobs else "FINISHED")
+            record.tags[f"best_run_id{suffix}"] = run.info.run_id
+            record.tags[f"best_run_name{suffix}"] = run.info.run_name
+            record.metrics[f"best_{metric}"] = _value(run, metric)
+        failed = aborted or not jobs or any(r.info.status != "FINISHED" for r in jobs)
+        record.status = "FAILED" if failed else "FINISHED"
+        store = open_store(tracking)
+        store.write(record)
+        store.close()
         register = _section(config, "register")
         if register.get("enabled") and jobs and not aborted:
-            from expforge.cli import register_after
+            from expforge.registry import register_after
 
-            register_after({"register": register, "tracking": tracking,
+            register_after({"register": register, "tracking": _section(config, "tracking"),
                             "paths": _section(config, "paths")}, parent_id)
 
 
-def _objective_metric(run: Any) -> str:
-    return str(run.data.tags.get("objective.metric", ""))
-
-
 def _value(run: Any, metric: str) -> float:
+    """A job's objective: its metric, or a study's best value of it."""
     key = f"best_{metric}" if run.data.tags.get("expforge.role") == "study" else metric
-    value = float(run.data.metrics.get(key, math.nan))
-    return math.inf if math.isnan(value) else value
+    return float(run.data.metrics.get(key, math.nan))
 
 
 def _best_jobs(jobs: list[Any]) -> dict[str, Any]:
     """The best finished job per objective metric (one entry unless tasks were mixed)."""
     groups: dict[str, list[Any]] = defaultdict(list)
     for r in jobs:
-        if r.info.status == "FINISHED" and _objective_metric(r):
-            groups[_objective_metric(r)].append(r)
+        metric = str(r.data.tags.get("objective.metric", ""))
+        if r.info.status == "FINISHED" and metric:
+            groups[metric].append(r)
     best = {}
     for metric, runs in groups.items():
-        sign = 1.0 if runs[0].data.tags.get("objective.direction") != "maximize" else -1.0
-        best[metric] = min(runs, key=lambda r: sign * _value(r, metric))
+        direction = str(runs[0].data.tags.get("objective.direction") or "minimize")
+        best[metric] = min(runs, key=lambda r: ranking_key(_value(r, metric), direction))
     return best

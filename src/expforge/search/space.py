@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from expforge.config import closest_keys, flatten
-from expforge.errors import SearchError
+from expforge.errors import SearchError, first_line
 
 __all__ = ["Param", "apply_params", "parse_space", "suggest"]
 
@@ -185,7 +185,7 @@ def _grammar(where: str, text: Any) -> Any:
     try:
         override = OverridesParser.create().parse_override(f"x={text}")
     except HydraException as exc:
-        raise SearchError(f"{where}={text} cannot be parsed: {str(exc).splitlines()[0]}") from None
+        raise SearchError(f"{where}={text} cannot be parsed: {first_line(exc)}") from None
     value = override.value()
     if isinstance(value, ChoiceSweep):
         if not value.list:

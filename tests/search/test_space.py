@@ -5,7 +5,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from expforge.errors import SearchError
-from expforge.space import apply_params, parse_space, suggest
+from expforge.search.space import apply_params, parse_space, suggest
 
 CONFIG = {"seed": 1, "model": {"name": "xgb", "max_depth": 6, "learning_rate": 0.1,
                                "booster": "gbtree", "rate_drop": 0.0, "n_estimators": 100}}

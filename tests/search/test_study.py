@@ -16,7 +16,7 @@ from expforge.errors import SearchError
 from expforge.runner import RunContext
 from expforge.search import run_search
 
-from .conftest import ROOT, client
+from ..conftest import ROOT, client
 
 FAST_RF = ["model=rf", "search_space.model.n_estimators.high=30",
            "search_space.model.n_estimators.low=5"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, free_port, wait_for_http
+from ..conftest import ROOT, free_port, wait_for_http
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 

@@ -1,4 +1,5 @@
-"""SIGKILL of a search and four writers on one sqlite store."""
+"""After a crash: SIGKILL of a search, runs a killed writer left unwritten, stale trials, a best
+model lost with its session."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 
 import optuna
 
-from .conftest import ROOT, client
-from .test_search import _assert_budget_exact, _cli, load
+from ..conftest import ROOT, client
+from .test_study import _assert_budget_exact, _cli, load
 
 
 def test_sigkill_leaves_ghosts_that_the_next_start_clears(tmp_path: Path) -> None:
@@ -53,35 +54,6 @@ def test_sigkill_leaves_ghosts_that_the_next_start_clears(tmp_path: Path) -> Non
         assert statuses[g.info.run_id] == ("KILLED" if cut_short else "FINISHED")
 
 
-WRITER = """
-import sys
-from expforge.tracking import TrackingSettings, connect, tracked_run, log_params
-import mlflow
-settings = TrackingSettings(uri=sys.argv[1], experiment="writers", artifact_root=sys.argv[2])
-exp = connect(settings)
-for i in range(25):
-    with tracked_run(exp, run_name=f"w{sys.argv[3]}-{i}", tags={"writer": sys.argv[3]}):
-        log_params({f"p{k}": str(k) for k in range(10)})
-        mlflow.log_metrics({f"m{k}": float(k) for k in range(5)})
-"""
-
-
-def test_four_processes_write_one_sqlite_store_without_loss(tmp_path: Path) -> None:
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    from expforge.tracking import TrackingSettings, connect
-
-    connect(TrackingSettings(uri=uri, experiment="writers", artifact_root=str(tmp_path)))
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(tmp_path), str(w)],
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for w in range(4)]
-    errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert all(p.returncode == 0 for p in procs), errors
-    assert not any("database is locked" in e for e in errors)
-    c = client(uri)
-    runs = c.search_runs([c.get_experiment_by_name("writers").experiment_id], max_results=500)
-    assert len(runs) == 100 and {r.info.status for r in runs} == {"FINISHED"}
-    assert all(len(r.data.params) == 10 and len(r.data.metrics) == 5 for r in runs)
-
-
 def test_runs_pending_in_a_killed_writer_are_written_again(plain, store, tmp_path: Path) -> None:
     """A trial is COMPLETE in Optuna but its process died before the writer wrote its run:
     the next start of the study writes the run from the trial (params, metrics, end)."""
@@ -90,7 +62,7 @@ def test_runs_pending_in_a_killed_writer_are_written_again(plain, store, tmp_pat
     from expforge.runner import RunContext
     from expforge.search import run_search
 
-    from .test_search import FAST_RF
+    from .test_study import FAST_RF
 
     cfg = plain("search=optuna", *FAST_RF, "search.n_trials=2", "search.study_name=repair",
                 f"search.storage={tmp_path}/s.journal", "search.plots=false")
@@ -132,7 +104,7 @@ def test_a_trial_stopped_after_its_run_was_written_has_its_run_tagged_fail(
     from expforge.runner import RunContext
     from expforge.search import run_search
 
-    from .test_search import FAST_RF
+    from .test_study import FAST_RF
 
     cfg = plain("search=optuna", *FAST_RF, "search.n_trials=2", "search.study_name=late",
                 f"search.storage={tmp_path}/s.journal", "search.plots=false")
@@ -162,7 +134,8 @@ def test_a_stale_trial_whose_run_id_never_arrived_has_its_run_ended(store) -> No
     """Heartbeats fail the trial of a vanished worker (RDB storage) and end its run. A worker
     killed after its writer created the run, before the id reached the trial, leaves a run
     that only its tags name: it is found by them and ended too."""
-    from expforge.search import _FailedTrialRun
+    from expforge.search.recovery import FailedTrialRun
+    from expforge.tracking import LocalStore
 
     c = client(store["uri"])
     exp_id = c.create_experiment("stale")
@@ -173,7 +146,7 @@ def test_a_stale_trial_whose_run_id_never_arrived_has_its_run_ended(store) -> No
     run = c.create_run(exp_id, run_name="stale-trial-0", tags={
         "mlflow.parentRunId": parent, "optuna.study_name": "stale",
         "optuna.trial_number": str(trial.number), "expforge.role": "trial"}).info.run_id
-    _FailedTrialRun(store["uri"])(study, study.trials[trial.number])
+    FailedTrialRun(LocalStore(store["uri"]), exp_id)(study, study.trials[trial.number])
     assert c.get_run(run).info.status == "FAILED"
     assert c.get_run(run).data.tags["optuna.trial_state"] == "FAIL"
 
@@ -183,7 +156,7 @@ def test_a_best_run_killed_while_its_model_was_logged_is_ended_with_its_model(
     """log_models=best logs the best model at a session's end. A SIGKILL then leaves the best
     trial's run RUNNING (resumed to log into) and without a model. The next start, with a
     bigger budget, ends that run FINISHED and logs the model, fitted again from the trial."""
-    from .test_search import FAST_RF
+    from .test_study import FAST_RF
 
     args = _cli(tmp_path, *FAST_RF, "search.plots=false", "tracking.log_plots=false")
     first = subprocess.run([*args, "search.n_trials=2", "search.log_models=none"],
@@ -210,85 +183,3 @@ def test_a_best_run_killed_while_its_model_was_logged_is_ended_with_its_model(
     assert run.data.params["search.n_trials"] == "2"  # as written by its own session
     assert study.best_trial.user_attrs["mlflow_run_id"] == best_run  # seeded: trial 2 is worse
     assert len(models_of(best_run)) == 1
-
-
-def test_a_flush_cut_short_by_ctrl_c_leaves_the_writer_usable(tmp_path: Path) -> None:
-    """Ctrl-C while waiting for a flush leaves its reply on the way; the next wait (close, at
-    the end of the interrupted study) takes it in its stride instead of failing."""
-    from expforge.tracking import ProcessRunWriter, TrackingSettings
-
-    uri = f"sqlite:///{tmp_path}/writer.db"
-    writer = ProcessRunWriter(uri)  # a store nobody opened here
-    writer.connect(TrackingSettings(uri=uri, experiment="flush", artifact_root=str(tmp_path)))
-    writer._send(("flush", None, None))  # what an interrupted flush() sent, its reply unread
-    writer.close()
-    assert writer._process.exitcode == 0
-
-
-def _pause(client: Any, seconds: float) -> None:
-    time.sleep(seconds)
-
-
-def _echo(client: Any, value: str) -> str:
-    return value
-
-
-def test_a_request_given_up_by_an_interrupted_sender_takes_no_later_reply(
-        tmp_path: Path) -> None:
-    """Ctrl-C can land after a request was sent but before its sender waits for it: its
-    reply still comes, and must not answer the next request (replies name their request)."""
-    from expforge.tracking import ProcessRunWriter, TrackingSettings
-
-    uri = f"sqlite:///{tmp_path}/writer.db"
-    writer = ProcessRunWriter(uri)
-    writer.connect(TrackingSettings(uri=uri, experiment="ids", artifact_root=str(tmp_path)))
-    writer._ask("call", (_echo, ("given up",)), "a request")
-    with writer._lock:  # what _ask does when the interrupt lands after the send
-        writer._awaiting.clear()
-    assert writer.call(_echo, "kept") == "kept"
-    writer.close()
-    assert writer._process.exitcode == 0
-
-
-def test_a_run_is_created_before_the_writes_queued_ahead_of_it(tmp_path: Path) -> None:
-    """A trial waits for its run's id; the writes of ended runs do not hold it up: the
-    writer creates runs before the writes that arrived ahead of them. Each client's
-    writes stay in order, and what waits is done."""
-    from expforge.tracking import ProcessRunWriter, RunRecord, TrackingSettings
-
-    uri = f"sqlite:///{tmp_path}/writer.db"
-    writer = ProcessRunWriter(uri)
-    experiment = writer.connect(TrackingSettings(uri=uri, experiment="order",
-                                                 artifact_root=str(tmp_path)))
-    first = writer.wait(writer.create_run(experiment, "first", {}))
-    writer.submit(_pause, 0.3)  # the writer is busy while the next requests arrive
-    writer.submit(_pause, 1.5)
-    writer.write(RunRecord(first, metrics={"m": 1.0}))
-    start = time.monotonic()
-    second = writer.wait(writer.create_run(experiment, "second", {}))
-    assert time.monotonic() - start < 1.2  # not after the 1.5 s pause queued ahead of it
-    writer.close()
-    c = client(uri)
-    assert c.get_run(first).data.metrics == {"m": 1.0}
-    assert c.get_run(first).info.status == "FINISHED"
-    assert c.get_run(second).info.status == "RUNNING"
-
-
-def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_store(
-        tmp_path: Path) -> None:
-    """MLflow creates a store by migrating it (~1 s). Ctrl-C meanwhile used to leave a file
-    that every later command failed to open; the store now appears complete or not at all."""
-    args = [sys.executable, str(ROOT / "run.py"), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
-            f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline = time.time() + 60
-    while not list(tmp_path.glob(".mlflow.db.creating-*")) and time.time() < deadline:
-        time.sleep(0.005)
-    time.sleep(0.2)  # inside the migrations
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow" in p.name) == []
-    again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
-    assert again.returncode == 0, again.stderr[-2000:]

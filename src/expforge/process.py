@@ -1,0 +1,173 @@
+"""Process policy in one place: signals, the garbage collector, exit codes.
+
+**Signals.** In every expforge process SIGTERM means what Ctrl-C means (a scheduler's stop
+ends runs KILLED, not RUNNING): ``guarded`` turns it into ``KeyboardInterrupt`` for the
+command, ``terminate_as_interrupt`` for a worker process. While a process writes to the store
+itself, ``interrupts_deferred`` holds both signals until the write is done. A search's writer
+process ignores Ctrl-C (``ignore_interrupts``): the terminal's SIGINT reaches the whole
+process group, and the command decides when the writer ends.
+
+**Garbage collector.** ``run.py`` imports with the collector off; ``start_up_done`` freezes
+what the start-up loaded and turns it back on; ``freeze_loaded`` does the same in a writer
+process; ``freeze_at_exit`` spares the interpreter's shutdown its walks of the heap. Where
+the collector runs (expforge used as a library) nothing here changes it.
+
+**Exit codes.** 0 done; 1 an ``ExpforgeError`` (one line on stderr); 2 ``register.py``'s
+gate blocked the promotion; 130 interrupted. ``docs/design.md`` explains the reasons.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from expforge.errors import ExpforgeError
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_GATE",
+    "EXIT_INTERRUPTED",
+    "alive",
+    "freeze_at_exit",
+    "freeze_loaded",
+    "guarded",
+    "ignore_interrupts",
+    "interrupts_deferred",
+    "start_up_done",
+    "stop",
+    "terminate_as_interrupt",
+]
+
+EXIT_ERROR = 1
+EXIT_GATE = 2
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+
+def guarded(action: Callable[[], T], label: str = "") -> T:
+    """Run ``action`` under expforge's error and signal policy: an ``ExpforgeError`` is one
+    line on stderr and exit 1, Ctrl-C or SIGTERM exit 130. ``label`` names a worker process
+    in its error lines; only the command itself (no label) says how to resume."""
+    previous = signal.getsignal(signal.SIGTERM)
+    ours = previous in (signal.SIG_DFL, None)
+    if ours:
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return action()
+    except ExpforgeError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {label}{exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        if not label:
+            print("interrupted: runs ended KILLED; re-run the same command to resume",
+                  file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def terminate_as_interrupt() -> None:
+    """SIGTERM raises ``KeyboardInterrupt`` in this process (a spawned worker inherits no
+    handler; a forked one inherits the command's, which it must not rely on)."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def ignore_interrupts() -> None:
+    """Ctrl-C leaves this process alone (a writer process: the command ends it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop(pid: int) -> None:
+    """Ask process ``pid`` to stop as Ctrl-C would (its runs end KILLED)."""
+    os.kill(pid, signal.SIGTERM)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+class _Held:
+    """The handler of a deferred signal: it only remembers that the signal came."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait for the end of the block, then interrupt as usual.
+
+    Around this process's own writes to the store: a signal that lands inside an SQLite write
+    can leave the write's lock held by this process, and every later write (the run's KILLED
+    end) then waits 20 s and fails. The main thread only (Python runs signal handlers there);
+    a nested block belongs to the outer one; a process that ignores Ctrl-C (the writer
+    process) has nothing to defer.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or isinstance(signal.getsignal(signal.SIGINT), _Held)
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):  # nothing to defer
+        yield
+        return
+    held = _Held()
+    previous = {s: signal.signal(s, held) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held.received:
+        raise KeyboardInterrupt(f"signal {held.received[0]}")
+
+
+def start_up_done() -> None:
+    """The command's start-up is over: its work begins (a study's data, a run's fit).
+
+    ``run.py`` imports with the garbage collector off: its full collections would walk the
+    growing heap again and again. What was loaded is frozen out of the collector's walks (a
+    full collection during the trials would stall them), and the collector resumes. A study
+    calls this before it loads its data, which it keeps for many trials; a single run at its
+    fit. Where the collector runs (expforge used as a library), nothing changes.
+    """
+    if not gc.isenabled():
+        freeze_loaded()
+
+
+def freeze_loaded() -> None:
+    """Keep what is loaded now out of the collector's walks, and let it run."""
+    gc.freeze()
+    gc.enable()
+
+
+def freeze_at_exit() -> None:
+    """Spare the interpreter's shutdown its repeated walks of the whole heap: at exit the
+    young garbage is collected (its finalizers run) and the rest is frozen."""
+    import atexit
+
+    def collect_and_freeze() -> None:
+        gc.collect(1)
+        gc.freeze()
+
+    atexit.register(collect_and_freeze)

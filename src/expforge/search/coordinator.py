@@ -1,0 +1,117 @@
+"""``python run.py search=optuna``: the command's side of a study.
+
+    command:  open the store (a writer process: forked first) -> load the data once ->
+              check the space -> fork workers -> open the study and its parent run ->
+              (its own trials, or watch the workers) -> finish on the parent run
+    worker k: loop { budget left? -> ask -> run_one (a child run) -> tell }
+    writer:   load MLflow, open the store -> create and write every client's runs
+
+Workers are processes, not threads (MLflow's client and the GIL serialise fits). They are
+forked before any store connection exists, so nothing with a socket or a database handle
+crosses a fork, and the loaded dataset is shared copy-on-write. docs/design.md has the
+whole picture.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from expforge import config as config_mod
+from expforge.data import load_data
+from expforge.process import interrupts_deferred, start_up_done
+from expforge.runner import RunContext
+from expforge.search.job import Job
+from expforge.search.loop import optimize
+from expforge.search.parent import finish, open_parent_run
+from expforge.search.recovery import reap_orphans
+from expforge.search.report import Progress
+from expforge.search.settings import settings_of
+from expforge.search.space import parse_space
+from expforge.search.study import open_study, pruner, sampler
+from expforge.search.workers import Worker, start_workers, stop_workers, watch
+from expforge.tracking import TrackingSettings, open_store
+
+__all__ = ["SearchResult", "run_search"]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    parent_run_id: str
+    best_value: float | None
+    study_name: str
+
+
+def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
+               sweep_parent_run_id: str | None = None) -> SearchResult:
+    """Run the study to its budget. In a multirun sweep the study's parent run hangs under
+    the sweep's parent run."""
+    context = context or RunContext()
+    tracking = TrackingSettings.from_config(plain["tracking"])
+    n_workers = int(config_mod.checked("search", plain["search"])["n_workers"])
+    # Where MLflow is loaded already (inside a multirun), this process may hold pooled
+    # database connections, which must never cross a fork.
+    fork = "mlflow" not in sys.modules
+    # Opened first: a writer process loads MLflow and opens the store while this process
+    # loads the data.
+    store = open_store(tracking, workers=n_workers)
+    try:
+        start_up_done()  # the data is loaded with the collector on
+        dataset = load_data(plain["data"], int(plain["seed"]), Path(plain["paths"]["root"]))
+        settings = settings_of(plain, dataset.task)
+        params = parse_space(plain.get("search_space"), plain)
+        sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
+        pruner(settings)
+    except BaseException:
+        store.close()
+        raise
+    job = Job(plain, context, dataset, settings, params, tracking, store,
+              sweep_parent_run_id=sweep_parent_run_id)
+    try:
+        workers: list[Worker] = []
+        if settings.n_workers > 1:
+            if fork:
+                store.load_code()  # forked workers inherit it instead of each loading it
+            workers = start_workers(job, fork)
+        return _coordinate(job, workers)
+    finally:
+        job.store.close()
+
+
+def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
+    """Open the store, the study and its parent run; run the trials (here or in the
+    workers); finish the study."""
+    settings = job.settings
+    released = False
+    try:
+        from expforge.plots import prepare
+
+        plots = settings.plots or (settings.log_models == "best" and job.tracking.log_plots)
+        job.experiment_id = job.store.connect(job.tracking,
+                                              meanwhile=prepare if plots else None)
+        if settings.log_models == "best" and not settings.multi_objective:
+            job.store.warm_up()
+        study = open_study(settings, job.params, 0, job.store, job.experiment_id)
+        reap_orphans(study, job)
+        job.parent_run_id, _ = open_parent_run(job, study)
+        with job.store.ended(job.parent_run_id):
+            for w in workers:
+                w.channel.send((job.parent_run_id, job.experiment_id))
+            released = True
+            with Progress(settings, study) as progress:
+                objective = None
+                if workers:
+                    watch(job, study, workers, progress)
+                else:
+                    objective = optimize(job, study, progress)
+            with interrupts_deferred():  # this process's own writes
+                best = finish(job, study, objective)
+    finally:
+        if not released:  # a waiting worker must hear that there is nothing to do
+            for w in workers:
+                w.channel.send(None)
+        stop_workers(workers)
+    return SearchResult(job.parent_run_id, best, settings.study_name)

@@ -1,0 +1,70 @@
+"""A worker's loop: take trials until the study's budget is spent, the timeout passes or
+too many trials fail."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Any
+
+from expforge.search.budget import check_failures, counts
+from expforge.search.job import Job
+from expforge.search.parent import best_after_each_trial
+from expforge.search.recovery import reap_orphans, recover_stale
+from expforge.search.report import Progress, report_failure
+from expforge.search.trial import TrialObjective
+
+__all__ = ["optimize"]
+
+
+def optimize(job: Job, study: Any, progress: Progress | None) -> TrialObjective:
+    """This process's trials; the objective, which holds its best model
+    (``TrialObjective.flush_best``). Everything handed to the store is written before it
+    returns, also on Ctrl-C."""
+    settings = job.settings
+    deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
+    objective = TrialObjective(job, study)
+    callbacks = [best_after_each_trial(job), report_failure]
+    if progress is not None:
+        callbacks.append(progress.callback)
+    interrupted = False
+    try:
+        _loop(job, study, objective, callbacks, deadline)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        job.store.flush()
+        if interrupted:
+            # Ctrl-C can land where a trial's run was created but not yet handed over
+            # (waiting for its id, say): this process's trials are failed and their runs
+            # still RUNNING ended KILLED. Best effort: the interrupt goes on regardless.
+            with contextlib.suppress(Exception):
+                reap_orphans(study, job, pid=os.getpid())
+    check_failures(settings, counts(study))
+    return objective
+
+
+def _loop(job: Job, study: Any, objective: TrialObjective, callbacks: list[Any],
+          deadline: float) -> None:
+    settings = job.settings
+    recovered = time.monotonic()
+    while time.monotonic() < deadline:
+        now = counts(study)
+        if now.done >= settings.n_trials:
+            break
+        if now.taken >= settings.n_trials:
+            # The last slots are running elsewhere. Wait: if their worker dies, heartbeats
+            # (RDB) or the dead-process check (this host) fail them and the slot is ours to
+            # retry. The study is read often, so that this worker ends soon after the last
+            # trial.
+            time.sleep(0.05)
+            if time.monotonic() - recovered >= 1.0:
+                recover_stale(study, job)
+                recovered = time.monotonic()
+            continue
+        check_failures(settings, now)
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
+                       gc_after_trial=False, show_progress_bar=False)

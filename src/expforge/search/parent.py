@@ -1,0 +1,125 @@
+"""The study's parent run: opened (or joined) at the start, its best so far after each
+trial, and at the end the best model, the top trials, Optuna's plots and the counts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from expforge import config as config_mod
+from expforge.runner import (
+    attach_figures,
+    attach_model,
+    config_texts,
+    fitted_model,
+    model_figures,
+)
+from expforge.search.budget import counts
+from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
+from expforge.search.recovery import reap_orphans
+from expforge.search.report import print_report, top_trials
+from expforge.search.trial import TrialObjective
+from expforge.tracking import RunRecord
+
+__all__ = ["best_after_each_trial", "finish", "open_parent_run"]
+
+
+def open_parent_run(job: Job, study: Any) -> tuple[str, bool]:
+    """The study's parent run, reused on resume and by other machines, else created (its
+    config logged); whether it was reused."""
+    settings = job.settings
+    tags = {
+        "expforge.role": STUDY_ROLE,
+        "optuna.study_name": settings.study_name,
+        "optuna.storage": config_mod.mask_uri(settings.storage),
+        "objective.metric": settings.objective.metric,
+        "objective.direction": settings.objective.direction,
+        **({"mlflow.parentRunId": job.sweep_parent_run_id} if job.sweep_parent_run_id else {}),
+        **{k: v for k, v in job.context.choices.items() if k in ("model", "data", "search")},
+        **job.tracking.tags,
+    }
+    known = study.user_attrs.get(PARENT_ATTR)
+    run_id, resumed = job.store.open_parent_run(job.experiment_id, known, settings.study_name,
+                                                tags)
+    if run_id != known:
+        study.set_user_attr(PARENT_ATTR, run_id)
+    if not resumed:
+        masked = config_mod.mask_secrets(dict(job.plain))
+        job.store.write(RunRecord(run_id, status=None,
+                                  params=config_mod.param_values(masked, exclude=("hydra",)),
+                                  texts=config_texts(masked, job.context)))
+    return run_id, resumed
+
+
+def best_after_each_trial(job: Job) -> Callable[[Any, Any], None]:
+    """An Optuna callback: the parent run's best so far (value, trial number, params)."""
+    from optuna.trial import TrialState
+
+    def callback(study: Any, trial: Any) -> None:
+        if trial.state != TrialState.COMPLETE or job.settings.multi_objective:
+            return
+        try:
+            best = study.best_trial
+        except ValueError:
+            return
+        if best.number != trial.number:
+            return
+        job.store.write(RunRecord(
+            job.parent_run_id, status=None, step=trial.number,
+            metrics={f"best_{job.settings.objective.metric}": float(best.value)},
+            tags={"best_trial": str(best.number),
+                  "best_run_id": str(best.user_attrs.get(RUN_ATTR, "")),
+                  **{f"best.{k}": str(v) for k, v in best.params.items()}},
+        ))
+
+    return callback
+
+
+def finish(job: Job, study: Any, objective: TrialObjective | None) -> float | None:
+    """The end of this command's part of the study: runs of processes killed meanwhile
+    repaired, the best model logged, the top trials, plots and counts on the parent run, the
+    table on screen; the best value (None for several objectives or none complete)."""
+    from expforge.plots import study_figures
+
+    settings = job.settings
+    # Another machine's heartbeat may have failed their trials before they were linked to
+    # their runs: written or ended, not RUNNING.
+    with contextlib.suppress(Exception):
+        reap_orphans(study, job)
+    done = counts(study)
+    if not (objective is not None and objective.flush_best()):
+        _log_lost_best_model(job, study)
+    table = top_trials(study, settings)
+    job.store.write(RunRecord(
+        job.parent_run_id, status=None,
+        metrics={"n_complete": done.complete, "n_pruned": done.pruned, "n_failed": done.failed},
+        texts={} if table is None else {"top_trials.csv": table.to_csv(index=False)}))
+    if settings.plots and done.complete >= 2:
+        attach_figures(job.store, job.parent_run_id,
+                       study_figures(study, settings.objective.metric,
+                                     settings.multi_objective))
+    print_report(settings, done, table, job.parent_run_id)
+    if settings.multi_objective or done.complete == 0:
+        return None
+    return float(study.best_value)
+
+
+def _log_lost_best_model(job: Job, study: Any) -> None:
+    """log_models=best: the best trial's model, when the session that ran the trial was killed
+    before its end, where it logs the model. Fitted again from the trial's config (seeded: the
+    same model), so that ``python register.py`` does not promote a worse one."""
+    settings = job.settings
+    if settings.log_models != "best" or settings.multi_objective:
+        return
+    try:
+        best = study.best_trial
+    except ValueError:
+        return  # no complete trial
+    run_id = best.user_attrs.get(RUN_ATTR)
+    if not run_id or job.store.model_of(job.experiment_id, run_id):
+        return
+    model = fitted_model(job.trial_config(best.number, best.params), job.dataset)
+    attach_model(job.store, run_id, model, job.dataset)
+    if job.tracking.log_plots:
+        attach_figures(job.store, run_id, model_figures(model, job.dataset))

@@ -1,0 +1,97 @@
+"""What a study shows: the live progress bar, a failed trial's line, the top-trials table."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from expforge.search.budget import Counts, counts
+from expforge.search.job import RUN_ATTR
+from expforge.search.settings import SearchSettings
+
+__all__ = ["Progress", "print_report", "report_failure", "top_trials"]
+
+
+def report_failure(study: Any, trial: Any) -> None:
+    """After each trial (an Optuna callback): a failed trial's error, in one line."""
+    from optuna.trial import TrialState
+
+    if trial.state == TrialState.FAIL and "error" in trial.user_attrs:
+        print(f"trial {trial.number} failed: {trial.user_attrs['error']}", file=sys.stderr)
+
+
+def top_trials(study: Any, settings: SearchSettings) -> Any:
+    """The best ``search.top_k`` COMPLETE trials as a DataFrame (None without any)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not trials:
+        return None
+    import pandas as pd
+
+    rows = []
+    for t in trials:
+        row: dict[str, Any] = {"trial": t.number, "run_id": t.user_attrs.get(RUN_ATTR, "")}
+        for o, v in zip(settings.objectives, t.values, strict=True):
+            row[o.metric] = v
+        row.update(t.params)
+        rows.append(row)
+    first = settings.objective
+    frame = pd.DataFrame(rows).sort_values(first.metric,
+                                           ascending=first.direction == "minimize")
+    return frame.head(settings.top_k).reset_index(drop=True)
+
+
+def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if table is not None:
+        shown = Table(title=f"top trials of {settings.study_name}", title_justify="left")
+        for col in table.columns:  # model.max_depth -> max_depth keeps the table narrow
+            shown.add_column(str(col).rsplit(".", 1)[-1], justify="right")
+        for _, row in table.iterrows():
+            shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v)[:8] for v in row))
+        console.print(shown)
+    console.print(
+        f"study {settings.study_name}: {done.complete} complete, {done.pruned} pruned, "
+        f"{done.failed} failed of {settings.n_trials}; parent run {parent_id}"
+    )
+
+
+class Progress:
+    """A live bar: trials done/pruned/failed of the budget, best value and its trial."""
+
+    def __init__(self, settings: SearchSettings, study: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+        from rich.progress import Progress as Bar
+
+        self.settings, self.study = settings, study
+        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[status]}"), transient=False)
+        self.task = self.bar.add_task(settings.study_name, total=settings.n_trials, status="")
+
+    def __enter__(self) -> Progress:
+        self.bar.start()
+        self.refresh()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.refresh()
+        self.bar.stop()
+
+    def callback(self, study: Any, trial: Any) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        now = counts(self.study)
+        status = f"pruned {now.pruned} failed {now.failed}"
+        if not self.settings.multi_objective and now.complete:
+            try:
+                best = self.study.best_trial
+                status += f" best {best.value:.5g} (trial {best.number})"
+            except ValueError:
+                pass
+        self.bar.update(self.task, completed=min(now.done, self.settings.n_trials),
+                        status=status)

@@ -1,0 +1,143 @@
+"""One trial: suggest -> a child run through ``run_one`` -> the objective value(s)."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from typing import Any
+
+from expforge.errors import ConfigError, first_line
+from expforge.metrics import better
+from expforge.runner import RunContext, attach_figures, attach_model, model_figures, run_one
+from expforge.search.budget import BudgetReached, rank
+from expforge.search.job import HOST_ATTR, METRICS_ATTR, PID_ATTR, RUN_ATTR, SKIPPED_ATTR, Job
+from expforge.search.space import suggest
+
+__all__ = ["TrialObjective", "TrialReporter"]
+
+
+class TrialObjective:
+    """The objective of a worker's trials; it keeps the worker's best model
+    (``search.log_models=best``) until ``flush_best``."""
+
+    def __init__(self, job: Job, study: Any) -> None:
+        self.job, self.study = job, study
+        settings = job.settings
+        self.threads = max(1, (os.cpu_count() or 1) // settings.n_workers)
+        # log_models=best: the best fitted model stays in memory and is logged once, at the
+        # worker's end, if it still is the study's best (logging a model and its plots at
+        # every improvement would cost far more than the trials).
+        self.defer = settings.log_models == "best" and not settings.multi_objective
+        self.log_each = settings.log_models == "all" or (
+            settings.log_models == "best" and settings.multi_objective)
+        self.best: tuple[float, str, Any] | None = None
+        # The study's command line is on the parent run; a trial's own values are its params.
+        self.context = RunContext(choices=job.context.choices)
+
+    def __call__(self, trial: Any) -> Any:
+        import optuna
+
+        job, settings = self.job, self.job.settings
+        trial.set_user_attr(PID_ATTR, os.getpid())
+        trial.set_user_attr(HOST_ATTR, socket.gethostname())
+        if rank(self.study, trial.number) >= settings.n_trials:
+            # Another worker took the last slot between our check and our ask.
+            trial.set_user_attr(SKIPPED_ATTR, "budget reached")
+            raise BudgetReached(f"the budget of {settings.n_trials} trials is spent")
+        cfg = job.trial_config(trial.number,
+                               suggest(trial, job.params, job.plain, job.dataset.task))
+        tags = {
+            "optuna.study_name": settings.study_name,
+            "optuna.trial_number": str(trial.number),
+            "optuna.trial_state": "RUNNING",
+            "expforge.role": "trial",
+        }
+        reporter = None
+        if not settings.multi_objective and settings.pruner is not None:
+            reporter = TrialReporter(trial, settings.objective.metric, settings.report_every)
+
+        def started(run_id: str) -> None:  # on the reply thread of a writer process
+            trial.set_user_attr(RUN_ATTR, run_id)
+
+        def end_tags(error: BaseException | None) -> dict[str, str]:
+            if error is None:
+                return {"optuna.trial_state": "COMPLETE"}
+            if isinstance(error, optuna.TrialPruned) and reporter is not None:
+                return {"optuna.trial_state": "PRUNED", "pruned": "true",
+                        "pruned_step": str(reporter.pruned_at)}
+            return {"optuna.trial_state": "FAIL"}
+
+        try:
+            result, model = run_one(
+                cfg,
+                self.context,
+                dataset=job.dataset,
+                store=job.store,
+                experiment_id=job.experiment_id,
+                parent_run_id=job.parent_run_id,
+                extra_tags=tags,
+                n_jobs=self.threads,
+                log_model=self.log_each,
+                log_plots=self.log_each and job.tracking.log_plots,
+                reporter=reporter,
+                on_start=started,
+                stop_early=(optuna.TrialPruned,),
+                end_tags=end_tags,
+            )
+        except optuna.TrialPruned:
+            raise
+        except BaseException as exc:
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                trial.set_user_attr("error", first_line(exc)[:1000])  # a verdict on the config
+            raise
+        values = tuple(_metric(result.metrics, o.metric) for o in settings.objectives)
+        trial.set_user_attr(METRICS_ATTR, result.metrics)
+        if self.defer and better(values[0], self.best[0] if self.best else None,
+                                 settings.objective.direction):
+            self.best = (values[0], result.run_id, model)
+        return values if settings.multi_objective else values[0]
+
+    def flush_best(self) -> bool:
+        """Log the worker's best model (and plots) into its run if it is the study's best;
+        whether it was."""
+        if self.best is None:
+            return False
+        _, run_id, model = self.best
+        try:
+            if self.study.best_trial.user_attrs.get(RUN_ATTR) != run_id:
+                return False  # another worker or an earlier session holds the best
+        except ValueError:
+            return False
+        attach_model(self.job.store, run_id, model, self.job.dataset)
+        if self.job.tracking.log_plots:
+            attach_figures(self.job.store, run_id, model_figures(model, self.job.dataset))
+        self.best = None
+        return True
+
+
+class TrialReporter:
+    """Reports the val objective to Optuna as the model trains; prunes when told to."""
+
+    def __init__(self, trial: Any, metric: str, every: int) -> None:
+        self.trial, self.metric, self.every = trial, metric, every
+        self.pruned_at: int | None = None
+
+    def __call__(self, step: int, value: float) -> None:
+        import optuna
+
+        if math.isnan(value):
+            return
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            self.pruned_at = step
+            raise optuna.TrialPruned(f"pruned at step {step}")
+
+
+def _metric(metrics: dict[str, float], name: str) -> float:
+    if name not in metrics:
+        raise ConfigError(
+            f"search.metrics lists {name}, which the runs do not log; choose one of: "
+            f"{', '.join(sorted(metrics))}"
+        )
+    return float(metrics[name])

@@ -1,0 +1,133 @@
+"""``LocalStore``: the store's work done in the calling process, at once.
+
+The writer process serves its clients with one of these, so both ways of writing do the
+same MLflow calls (``tracking.runs``, ``tracking.queries``, ``tracking.models``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
+from typing import Any
+
+from expforge.config import mask_uri
+from expforge.errors import ExpforgeError, TrackingError, error_line
+from expforge.process import interrupts_deferred
+from expforge.tracking import models, queries, runs
+from expforge.tracking.interface import Store
+from expforge.tracking.provenance import context_tags
+from expforge.tracking.records import RunRecord
+from expforge.tracking.store import TrackingSettings, connect, load_store_code
+
+__all__ = ["LocalStore"]
+
+
+class LocalStore(Store):
+    """Writes in this process; Ctrl-C and SIGTERM wait for each write to end (see
+    ``process.interrupts_deferred``)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._client: Any = None
+        self._context: dict[str, str] | None = None
+        self._locations: dict[str, str] = {}  # run id -> artifact URI, of runs created here
+        self._inputs: dict[tuple[str, str, str], tuple[Any, ...]] = {}  # dataset entities
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import mlflow
+
+            self._client = mlflow.MlflowClient(self.uri)
+        return self._client
+
+    def connect(self, settings: TrackingSettings,
+                meanwhile: Callable[[], None] | None = None) -> str:
+        experiment_id = connect(settings)
+        if meanwhile is not None:
+            meanwhile()
+        return experiment_id
+
+    def create_run(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                   parent_run_id: str | None = None,
+                   on_created: Callable[[str], None] | None = None) -> Future[str]:
+        future: Future[str] = Future()
+        try:
+            run_id = self.create_run_now(experiment_id, run_name, tags, parent_run_id,
+                                         int(time.time() * 1000))
+            if on_created is not None:
+                on_created(run_id)
+            future.set_result(run_id)
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def create_run_now(self, experiment_id: str, run_name: str, tags: Mapping[str, str],
+                       parent_run_id: str | None, start: int) -> str:
+        """``create_run``, its id at once (the writer process serves its clients with it)."""
+        if self._context is None:
+            self._context = context_tags()
+        with interrupts_deferred():
+            return runs.create_run(self.client, self._context, experiment_id, run_name, tags,
+                                   parent_run_id, start, self._locations)
+
+    def write(self, record: RunRecord) -> None:
+        with self._failing("writing a run"), interrupts_deferred():
+            runs.write_record(self.client, record, self._locations, self._inputs)
+
+    def attach_model(self, run_id: str, model: Any, input_example: Any) -> None:
+        self.attach_model_now(run_id, model, input_example)
+
+    def attach_model_now(self, run_id: str, model: Any, input_example: Any) -> str:
+        """``attach_model``; the model's URI."""
+        with self._failing("logging a model"), interrupts_deferred():
+            return models.attach_model(self.uri, run_id, model, input_example)
+
+    def attach_files(self, run_id: str, folder: str) -> None:
+        with self._failing("logging files"), interrupts_deferred():
+            runs.log_files(self.client, run_id, folder)
+
+    def end_run(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        with self._failing("ending a run"), interrupts_deferred():
+            runs.end_run(self.client, run_id, status, tags)
+
+    def rewrite_run(self, whole: RunRecord, end: RunRecord) -> None:
+        with self._failing("writing a run again"), interrupts_deferred():
+            runs.rewrite_run(self.client, whole, end, self._inputs)
+
+    def open_parent_run(self, experiment_id: str, existing: str | None, name: str,
+                        tags: Mapping[str, str]) -> tuple[str, bool]:
+        with self._failing("opening the parent run"), interrupts_deferred():
+            return runs.open_parent_run(self.client, experiment_id, existing, name, tags)
+
+    def running_trial_runs(self, experiment_id: str, study_name: str) -> dict[str, str]:
+        with self._failing("finding the study's runs"):
+            return queries.running_trial_runs(self.client, experiment_id, study_name)
+
+    def model_of(self, experiment_id: str, run_id: str) -> str | None:
+        with self._failing("finding a run's model"):
+            return queries.logged_models(self.client, experiment_id, run_id).get(run_id)
+
+    def load_code(self) -> None:
+        load_store_code(self.uri)
+        if self._context is None:
+            self._context = context_tags()
+
+    def for_client(self, client: int) -> Store:
+        """Its own store, which opens when first used."""
+        store = LocalStore(self.uri)
+        store._context = self._context
+        return store
+
+    @contextlib.contextmanager
+    def _failing(self, what: str) -> Iterator[None]:
+        """MLflow's errors as one line that says what failed."""
+        try:
+            yield
+        except ExpforgeError:
+            raise
+        except Exception as exc:
+            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: {what} failed: "
+                                f"{error_line(exc)}") from exc

@@ -1,0 +1,165 @@
+"""Models in the store: a fitted pipeline logged into its run, and registered versions with
+their aliases."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import metadata
+from typing import Any
+
+from expforge.tracking.provenance import installed
+
+__all__ = ["alias_version", "attach_model", "autologged", "load_model", "log_model",
+           "register_version"]
+
+
+def attach_model(uri: str, run_id: str, model: Any, input_example: Any) -> str:
+    """Log a fitted model into the run ``run_id`` (written or still running); its URI. The
+    run is ended FINISHED again, or FAILED or KILLED if the logging fails."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)  # log_model logs into the fluent API's active run
+    mlflow.set_registry_uri(uri)
+    mlflow.start_run(run_id=run_id)
+    status = "FAILED"
+    try:
+        uri_of_model = str(log_model(model, input_example).model_uri)
+        status = "FINISHED"
+        return uri_of_model
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def log_model(model: Any, input_example: Any, name: str = "model") -> Any:
+    """Log the fitted Pipeline into the active run, with signature, example and explicit pip
+    requirements.
+
+    Giving the requirements skips MLflow's inference subprocess. The format is cloudpickle:
+    MLflow's default, skops, scans every loaded module at import, and these models are our
+    own output in our own store.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    _quiet_pickle_warning()
+    example = input_example.head(5)
+    signature = infer_signature(example, model.predict(example))
+    return mlflow.sklearn.log_model(
+        model,
+        name=name,
+        signature=signature,
+        input_example=example,
+        pip_requirements=_pip_requirements(model),
+        serialization_format="cloudpickle",
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _quiet_pickle_warning() -> None:
+    """Drop MLflow's per-call pickle warning; the README explains the choice once."""
+    import logging
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pickle or cloudpickle format" not in record.getMessage()
+
+    logging.getLogger("mlflow.sklearn").addFilter(_Filter())
+
+
+def _pip_requirements(model: Any) -> list[str]:
+    packages = ["scikit-learn", "pandas", "numpy", "scipy", "cloudpickle"]
+    estimator = type(model.steps[-1][1]).__module__
+    if estimator.startswith("xgboost"):
+        packages.append("xgboost")
+    return [f"{p}=={metadata.version(p)}" for p in packages if installed(p)]
+
+
+def load_model_code() -> None:
+    """MLflow's model logging, loaded ahead: its sklearn flavor, and the map of every
+    installed module to its package that its first call builds."""
+    import contextlib
+
+    with contextlib.suppress(Exception):  # a private cache of MLflow's; only a warm-up
+        import mlflow.sklearn  # noqa: F401
+        from mlflow.utils import requirements_utils
+
+        requirements_utils._init_packages_to_modules_map()
+
+
+def alias_version(client: Any, name: str, alias: str) -> Any:
+    """The version of registered model ``name`` that holds ``alias``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def register_version(client: Any, name: str, model_uri: str, run_id: str,
+                     tags: Mapping[str, str], description: str, alias: str,
+                     current: Any) -> str:
+    """A new version of ``name`` from ``model_uri``, holding ``alias``; ``current`` (the
+    version that held it) gets ``previous``. Its number. Nothing is left half-registered: a
+    failure removes the new version (and a registered model created for it) and gives the
+    alias back."""
+    from mlflow.exceptions import MlflowException
+
+    created_model = False
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Registered by expforge.")
+        created_model = True
+    try:
+        version = client.create_model_version(
+            name, source=model_uri, run_id=run_id, tags=dict(tags), description=description,
+            model_id=model_uri.removeprefix("models:/"),
+        )
+    except BaseException:
+        if created_model:  # no empty registered model left behind either
+            client.delete_registered_model(name)
+        raise
+    try:
+        if current is not None:
+            client.set_registered_model_alias(name, "previous", current.version)
+        client.set_registered_model_alias(name, alias, version.version)
+    except BaseException:
+        client.delete_model_version(name, version.version)
+        if current is not None:
+            client.set_registered_model_alias(name, alias, current.version)
+        raise
+    return str(version.version)
+
+
+@contextmanager
+def autologged(uri: str, run_id: str, log_models: bool) -> Iterator[None]:
+    """MLflow's own sklearn and xgboost autologging into the run ``run_id``, for the block
+    only (``tracking.autolog=true``): it logs into the fluent API's active run."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    flavors = (mlflow.sklearn, mlflow.xgboost)
+    for flavor in flavors:
+        flavor.autolog(log_models=log_models, log_datasets=False, silent=True)
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield
+    finally:
+        mlflow.end_run()
+        for flavor in flavors:
+            flavor.autolog(disable=True, silent=True)
+
+
+def load_model(uri: str, model_uri: str) -> Any:
+    """The fitted pipeline logged as ``model_uri`` (``models:/<id>``) in the store ``uri``."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.sklearn.load_model(model_uri)

@@ -1,0 +1,204 @@
+"""Opening a store: the settings, a quick reachability probe, a SQLite store created whole,
+and the experiment, got or created."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from expforge.config import mask_uri, slug
+from expforge.errors import TrackingError, first_line
+
+__all__ = ["WRITERS", "TrackingSettings", "check_reachable", "connect", "load_store_code"]
+
+DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# Who writes a search's runs: a process of its own, this process, or the choice of
+# ``open_store`` (see docs/design.md).
+WRITERS = ("auto", "process", "inline")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """``cfg.tracking`` as plain values."""
+
+    uri: str
+    experiment: str
+    artifact_root: str | None = None
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_model: bool = True
+    log_plots: bool = True
+    autolog: bool = False
+    writer: str = "auto"
+
+    @classmethod
+    def from_config(cls, tracking: Mapping[str, Any]) -> TrackingSettings:
+        writer = str(tracking.get("writer") or "auto")
+        if writer not in WRITERS:
+            from expforge.errors import ConfigError
+
+            raise ConfigError(f"tracking.writer={writer} is invalid; choose one of: "
+                              f"{', '.join(WRITERS)}")
+        return cls(
+            uri=str(tracking["uri"]),
+            experiment=str(tracking["experiment"]),
+            artifact_root=tracking.get("artifact_root"),
+            run_name=tracking.get("run_name"),
+            tags={str(k): str(v) for k, v in (tracking.get("tags") or {}).items()},
+            log_model=bool(tracking.get("log_model", True)),
+            log_plots=bool(tracking.get("log_plots", True)),
+            autolog=bool(tracking.get("autolog", False)),
+            writer=writer,
+        )
+
+
+def connect(settings: TrackingSettings) -> str:
+    """Point MLflow at ``settings.uri``, fail fast if it is unusable; the experiment's id."""
+    import mlflow
+
+    check_reachable(settings.uri)
+    if urlparse(settings.uri).scheme == "sqlite":
+        _create_sqlite_store(settings)
+    mlflow.set_tracking_uri(settings.uri)
+    mlflow.set_registry_uri(settings.uri)
+    return ensure_experiment(settings)
+
+
+def _create_sqlite_store(settings: TrackingSettings) -> None:
+    """A new SQLite store is made under a temporary name and linked into place complete.
+
+    MLflow creates a store by running its schema migrations in the file itself; a Ctrl-C
+    meanwhile left a half-made store that every later command failed to open. The link does
+    not replace a store that another process made first.
+    """
+    path = Path(settings.uri.split("sqlite:///", 1)[-1])
+    if path.exists():
+        return
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        root = Path(settings.artifact_root or path.parent / "mlartifacts").resolve().as_uri()
+        SqlAlchemyStore(f"sqlite:///{temporary}", root).engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        for leftover in (temporary, temporary.with_name(temporary.name + "-journal")):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def check_reachable(uri: str) -> None:
+    """One quick probe instead of MLflow's minutes of retries against a dead server."""
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    shown = mask_uri(uri)
+    if scheme in ("http", "https"):
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+                resp.read()
+        except Exception as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(
+                f"tracking.uri={shown} is unreachable ({reason}); start the tracking server or "
+                "fix tracking.uri"
+            ) from None
+    elif scheme == "sqlite":
+        path = Path(uri.split("sqlite:///", 1)[-1])
+        folder = path.parent
+        if not folder.is_dir():
+            raise TrackingError(
+                f"tracking.uri={shown}: folder {folder} does not exist; create it or fix "
+                "tracking.uri"
+            )
+        # SQLite writes a journal beside the database: the folder must be writable too.
+        blocked = [p for p in (folder, path) if p.exists() and not os.access(p, os.W_OK)]
+        if blocked:
+            raise TrackingError(
+                f"tracking.uri={shown}: {blocked[0]} is not writable; fix its permissions or "
+                "point tracking.uri elsewhere"
+            )
+    elif scheme in DB_SCHEMES:
+        parsed = urlparse(uri)
+        host, port = parsed.hostname or "localhost", parsed.port or _default_port(scheme)
+        if host and port:
+            try:
+                socket.create_connection((host, port), timeout=3).close()
+            except OSError as exc:
+                raise TrackingError(
+                    f"tracking.uri={shown} is unreachable ({exc.strerror or exc}); start the "
+                    "database or fix tracking.uri"
+                ) from None
+    elif scheme not in ("file", "databricks", ""):
+        raise TrackingError(
+            f"tracking.uri={shown} has an unknown scheme {scheme!r}; use sqlite:///path, "
+            "http://host:port or postgresql://..."
+        )
+
+
+def _default_port(scheme: str) -> int | None:
+    return {"postgresql": 5432, "mysql": 3306, "mssql": 1433}.get(scheme)
+
+
+def ensure_experiment(settings: TrackingSettings) -> str:
+    """Get or create the experiment; for database stores its artifacts go to artifact_root."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = mlflow.MlflowClient(settings.uri)
+    except Exception as exc:  # a store MLflow cannot open, or cannot bring up to date
+        hint = ""
+        if urlparse(settings.uri).scheme == "sqlite":
+            hint = ("; if a run was interrupted while the store was being created, it holds no "
+                    "runs: delete the file and run again")
+        raise TrackingError(f"tracking.uri={mask_uri(settings.uri)} cannot be opened "
+                            f"({first_line(exc)}){hint}") from None
+    try:
+        existing = client.get_experiment_by_name(settings.experiment)
+        if existing is not None:
+            if existing.lifecycle_stage == "deleted":
+                client.restore_experiment(existing.experiment_id)
+            return str(existing.experiment_id)
+        location = None
+        scheme = urlparse(settings.uri).scheme.split("+", 1)[0]
+        if settings.artifact_root and scheme in DB_SCHEMES:
+            location = Path(settings.artifact_root, slug(settings.experiment)).resolve().as_uri()
+        try:
+            return str(client.create_experiment(settings.experiment, artifact_location=location))
+        except MlflowException as exc:  # another process created it first
+            found = client.get_experiment_by_name(settings.experiment)
+            if found is None:
+                raise TrackingError(
+                    f"tracking.experiment={settings.experiment} cannot be created: "
+                    f"{first_line(exc)}"
+                ) from None
+            return str(found.experiment_id)
+    except MlflowException as exc:
+        raise TrackingError(f"tracking.uri={mask_uri(settings.uri)}: {first_line(exc)}"
+                            ) from None
+
+
+def load_store_code(uri: str) -> None:
+    """Load MLflow and the code of the store at ``uri`` without opening it."""
+    import mlflow  # noqa: F401
+
+    with contextlib.suppress(ImportError):  # if it is broken, opening the store will say so
+        importlib.import_module(_store_module(uri))
+
+
+def _store_module(uri: str) -> str:
+    scheme = urlparse(uri).scheme.split("+", 1)[0]
+    if scheme in DB_SCHEMES:
+        return "mlflow.store.tracking.sqlalchemy_store"
+    if scheme in ("http", "https"):
+        return "mlflow.store.tracking.rest_store"
+    return "mlflow.store.tracking.file_store"

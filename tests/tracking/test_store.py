@@ -1,0 +1,58 @@
+"""Opening a store: four processes writing one SQLite store at once, and a first run stopped
+while MLflow creates its store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..conftest import ROOT, client
+
+WRITER = """
+import sys
+from expforge.tracking import LocalStore, RunRecord, TrackingSettings
+settings = TrackingSettings(uri=sys.argv[1], experiment="writers", artifact_root=sys.argv[2])
+store = LocalStore(settings.uri)
+exp = store.connect(settings)
+for i in range(25):
+    run = store.wait(store.create_run(exp, f"w{sys.argv[3]}-{i}", {"writer": sys.argv[3]}))
+    store.write(RunRecord(run, params={f"p{k}": str(k) for k in range(10)},
+                          metrics={f"m{k}": float(k) for k in range(5)}))
+"""
+
+
+def test_four_processes_write_one_sqlite_store_without_loss(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(tmp_path), str(w)],
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for w in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    assert not any("database is locked" in e for e in errors)
+    c = client(uri)
+    runs = c.search_runs([c.get_experiment_by_name("writers").experiment_id], max_results=500)
+    assert len(runs) == 100 and {r.info.status for r in runs} == {"FINISHED"}
+    assert all(len(r.data.params) == 10 and len(r.data.metrics) == 5 for r in runs)
+
+
+def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_store(
+        tmp_path: Path) -> None:
+    """MLflow creates a store by migrating it (~1 s). Ctrl-C meanwhile used to leave a file
+    that every later command failed to open; the store now appears complete or not at all."""
+    args = [sys.executable, str(ROOT / "run.py"), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+            f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".mlflow.db.creating-*")) and time.time() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.2)  # inside the migrations
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow" in p.name) == []
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
