@@ -23,10 +23,12 @@ run: $(VENV)/.stamp-run
 
 test: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(VENV)/.stamp-dev
 	$(BIN)/python benchmarks/run.py

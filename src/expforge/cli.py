@@ -135,7 +135,8 @@ def precheck(argv: list[str], root: Path, config_name: str) -> None:
             keys.append(o)
         elif "." not in o.key_or_group:
             value = o.value()
-            first = value.list[0] if hasattr(value, "list") and value.list else value
+            listed = getattr(value, "list", None)
+            first = listed[0] if listed else value
             groups.append(f"{o.key_or_group}={first}")
     if keys:
         _check_keys(keys, groups, str(root / "conf"), config_name)
@@ -158,9 +159,11 @@ def _check_writable(given: dict[str, Any], root: Path) -> None:
 
 def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: str) -> None:
     from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
 
-    from expforge.config import closest_keys, flatten
+    from expforge.config import closest_keys, flatten, schema_error
 
     try:
         with initialize_config_dir(conf_dir, version_base="1.3"):
@@ -180,6 +183,16 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
             print(f"error: {text} names {o.key_or_group}, which is not a config key; {hint}"
                   f"(to add a new key on purpose: +{text})", file=sys.stderr)
             sys.exit(EXIT_ERROR)
+    # A value the schema refuses (search.n_trials=many): one line instead of Hydra's report.
+    given = [o.input_line for o in keys if o.input_line and not o.is_sweep_override()]
+    try:
+        with initialize_config_dir(conf_dir, version_base="1.3"):
+            compose(config_name, overrides=groups + given)
+    except ConfigCompositionException as exc:
+        if isinstance(exc.__cause__, ValidationError):
+            key = str(getattr(exc.__cause__, "full_key", "") or "")
+            print(f"error: {schema_error(key.split('.', 1)[0], exc)}", file=sys.stderr)
+            sys.exit(EXIT_ERROR)
 
 
 _HELP_FLAGS = ("--help", "-h")
@@ -196,17 +209,22 @@ def app_help(argv: list[str], root: Path, config_name: str, app_name: str) -> bo
     if not any(a in _HELP_FLAGS for a in argv):
         return False
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     conf = root / "conf"
     overrides = [a for a in argv if not a.startswith("-")]
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides)
-    groups = []
-    for folder in sorted(p for p in conf.iterdir() if p.is_dir()):
-        options = sorted(f.stem for f in folder.iterdir() if f.suffix in (".yaml", ".yml"))
-        if options:
-            groups.append(f"{folder.name}: {', '.join(options)}")
+    options: dict[str, set[str]] = {}
+    for folder in (p for p in conf.iterdir() if p.is_dir()):
+        options[folder.name] = {f.stem for f in folder.iterdir()
+                                if f.suffix in (".yaml", ".yml")}
+    for group, entries in ConfigStore.instance().repo.items():  # the schemas
+        if isinstance(entries, dict) and group in options:
+            options[group] |= {name.rsplit(".", 1)[0] for name in entries}
+    groups = [f"{group}: {', '.join(sorted(found))}"
+              for group, found in sorted(options.items()) if found]
     print(f"{app_name} is powered by Hydra.\n\n== Configuration groups ==\n"
           "Compose your configuration from those groups (group=option)\n\n"
           + "\n".join(groups) + "\n\n\n== Config ==\n"

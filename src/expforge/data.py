@@ -175,7 +175,7 @@ def _load_tabular(cfg: Mapping[str, Any], seed: int, root: Path) -> Dataset:
         return _from_frame(cfg, frame, target, str(_resolve(cfg["path"], root)), seed)
     if all(paths.values()):
         frames = {k: _read_table(f"data.{k}_path", p, root) for k, p in paths.items()}
-        source = ",".join(str(_resolve(p, root)) for p in paths.values())
+        source = ",".join(str(_resolve(str(p), root)) for p in paths.values())
         return _from_frames(cfg, frames, target, source)
     raise DataError(
         "data.path is not set; give one file (data.path=...) or all of data.train_path, "

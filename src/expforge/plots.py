@@ -138,7 +138,7 @@ def study_figures(study: Any, target_name: str, multi_objective: bool) -> dict[s
     # fANOVA as Optuna's default, with 16 trees of depth 16 instead of 64 of 64: 0.07 s
     # instead of 1.6 s for a small study, and the same ranking of the parameters that matter.
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
-    plots = {
+    plots: dict[str, Any] = {
         "plots/optimization_history.png": vis.plot_optimization_history,
         "plots/param_importances.png": functools.partial(vis.plot_param_importances,
                                                          evaluator=evaluator),

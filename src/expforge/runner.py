@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -223,7 +223,8 @@ def _fit_recorded(
         if autolog is not None:  # the fluent run that MLflow's autologging logs into
             from expforge.tracking.models import autologged
 
-            logging = autologged(autolog[0], store.wait(created), log_models=autolog[1])
+            logging: AbstractContextManager[None] = autologged(
+                autolog[0], store.wait(created), log_models=autolog[1])
         else:
             logging = nullcontext()
         with logging:
@@ -331,11 +332,11 @@ def _xgb_callback(reporter: Reporter, every: int, dataset: Dataset, X_val: Any) 
     native = {"val_rmse": "rmse", "val_log_loss": "mlogloss" if len(dataset.classes) > 2
               else "logloss"}.get(reporter.metric)
 
-    class _Report(xgb.callback.TrainingCallback):  # type: ignore[misc]
+    class _Report(xgb.callback.TrainingCallback):
         def after_iteration(self, booster: Any, epoch: int, evals_log: Any) -> bool:
             if (epoch + 1) % every:
                 return False
-            history = next(iter(evals_log.values()), {})
+            history: dict[str, Any] = next(iter(evals_log.values()), {})
             if native in history:
                 value = float(history[native][-1])
             else:

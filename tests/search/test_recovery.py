@@ -3,17 +3,15 @@ model lost with its session."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from ..conftest import ROOT, client
+from ..conftest import client
 from .test_study import _assert_budget_exact, _cli, load
 
 

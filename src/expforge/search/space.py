@@ -190,7 +190,7 @@ def _grammar(where: str, text: Any) -> Any:
     if isinstance(value, ChoiceSweep):
         if not value.list:
             raise SearchError(f"{where}={text} has no choices; list at least one")
-        return CategoricalDistribution(list(value.list))
+        return CategoricalDistribution(list(value.list))  # type: ignore[arg-type]
     if isinstance(value, RangeSweep):
         start, stop, step = value.start, value.stop, value.step or 1
         if start is None or stop is None or step <= 0 or stop <= start:
@@ -206,7 +206,7 @@ def _grammar(where: str, text: Any) -> Any:
         _check_bounds(where, low, high, log, None)
         if isinstance(low, int) and isinstance(high, int):
             return IntDistribution(low, high, log=log)
-        return FloatDistribution(float(low), float(high), log=log)
+        return FloatDistribution(float(low or 0), float(high or 0), log=log)  # checked above
     raise SearchError(
         f"{where}={text} is a fixed value, not a distribution; use interval(...), range(...) "
         "or choice(...)"

@@ -30,7 +30,7 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
             storage=_storage(settings, FailedTrialRun(store, experiment_id)),
             sampler=sampler(settings, params, index),
             pruner=pruner(settings),
-            directions=settings.directions,
+            directions=settings.directions,  # type: ignore[arg-type]  # checked
             load_if_exists=True,
         )
         existing = len(study.get_trials(deepcopy=False))

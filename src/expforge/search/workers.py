@@ -34,7 +34,7 @@ def start_workers(job: Job, fork: bool) -> list[Worker]:
     Forked workers share the loaded data (and code) copy-on-write. Where ``fork`` is False
     (connections may exist) they are spawned instead and receive the job through a pipe.
     """
-    ctx = multiprocessing.get_context("fork" if fork else "spawn")
+    ctx: Any = multiprocessing.get_context("fork" if fork else "spawn")
     workers: list[Worker] = []
     for index in range(job.settings.n_workers):
         receive, send = ctx.Pipe(duplex=False)

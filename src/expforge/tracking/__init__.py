@@ -56,8 +56,8 @@ def open_store(settings: TrackingSettings, workers: int | None = None) -> Store:
 
 
 def reader(uri: str) -> Any:
-    """An ``MlflowClient`` of the store at ``uri``, for the lookups of ``tracking.queries``
-    (and the registry's operations of ``tracking.models``)."""
+    """An ``MlflowClient`` of the store at ``uri`` (its model registry too), for the lookups of
+    ``tracking.queries`` and the registry's operations of ``tracking.models``."""
     import mlflow
 
-    return mlflow.MlflowClient(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

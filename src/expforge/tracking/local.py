@@ -40,7 +40,7 @@ class LocalStore(Store):
         if self._client is None:
             import mlflow
 
-            self._client = mlflow.MlflowClient(self.uri)
+            self._client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         return self._client
 
     def connect(self, settings: TrackingSettings,

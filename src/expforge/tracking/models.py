@@ -108,8 +108,12 @@ def register_version(client: Any, name: str, model_uri: str, run_id: str,
     version that held it) gets ``previous``. Its number. Nothing is left half-registered: a
     failure removes the new version (and a registered model created for it) and gives the
     alias back."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
+    # MLflow resolves a version's models:/ source through the fluent API's store.
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client.tracking_uri)
     created_model = False
     try:
         client.get_registered_model(name)

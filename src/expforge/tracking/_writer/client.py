@@ -49,6 +49,7 @@ class WriterClient(Store):
         # The clients' ends, per client; the writer's own ends go to the writer.
         self._ends = [(send, receive)
                       for (_, send), (receive, _) in zip(requests, replies, strict=True)]
+        self._closed = False
         self._process: Any = ctx.Process(
             target=serve,
             args=(uri, [r for r, _ in requests], [s for _, s in replies], os.getpid(),
@@ -159,7 +160,7 @@ class WriterClient(Store):
     @property
     def pid(self) -> int:
         """The writer process's pid."""
-        return int(self._pid)
+        return int(self._pid or 0)
 
     @property
     def exitcode(self) -> int | None:
