@@ -223,6 +223,44 @@ def _ceiling(n_samples: int) -> float:
     return float(out.stdout.split()[-1])
 
 
+def writer(store: Path, smoke: bool, reps: int, table: Table) -> None:
+    """The same searches with ``tracking.writer=process`` and ``inline``, alternating: what
+    the writer process buys (or costs) on forest trials, cheap trials and two workers."""
+    n = 2 if smoke else None
+    cases = {
+        "rf (n_jobs=1), 40 trials, TPE": [
+            "model=rf", "model.n_jobs=1", f"search.n_trials={n or 40}", *RF_SPACE],
+        "Ridge on diabetes, 200 trials, RandomSampler, no plots": [
+            "model=linear", f"search.n_trials={n or 200}", "search.pruner=null",
+            "search.sampler._target_=optuna.samplers.RandomSampler", "search.plots=false"],
+        "xgb, 2 workers, 16 trials": [
+            "model=xgb", "data=synthetic", f"data.n_samples={2000 if smoke else 20000}",
+            "data.n_features=50", "model.n_jobs=1", "model.n_estimators=100",
+            "model.max_depth=6", f"search.n_trials={n or 16}", "search.n_workers=2",
+            "search.pruner=null", "search.plots=false", "search.log_models=none",
+            *(f"~search_space.model.{name}" for name in (
+                "n_estimators", "max_depth", "subsample", "colsample_bytree",
+                "min_child_weight"))],
+    }
+    if smoke:  # one case keeps the section working
+        cases = dict(list(cases.items())[1:2])
+    counter = iter(range(10**6))
+    times: dict[tuple[str, str], list[float]] = {}
+    for _ in range(reps):
+        for case, args in cases.items():
+            for mode in ("process", "inline"):
+                i = next(counter)
+                cmd = expforge(store, "search=optuna", *args, f"tracking.writer={mode}",
+                               f"search.study_name=writer-{i}", "tracking.experiment=bench-w",
+                               f"search.storage={store}/studies/writer-{i}.journal")
+                times.setdefault((case, mode), []).append(run(cmd).wall_s)
+    for case in cases:
+        process = statistics.median(times[(case, "process")])
+        inline = statistics.median(times[(case, "inline")])
+        table.add(f"{case}: writer process / in-process",
+                  f"{process:.2f} s / {inline:.2f} s = {process / inline:.2f}x")
+
+
 def scale(store: Path, n_samples: int, n_trials: int, table: Table) -> None:
     data_mb = n_samples * 50 * 4 / 2**20
     m = run(expforge(store, "experiment=synthetic_scale", f"data.n_samples={n_samples}",
@@ -323,10 +361,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--only", nargs="*", default=None,
-                        help="overhead parallel scale startup gpu")
+                        help="overhead parallel writer scale startup gpu")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     args = parser.parse_args()
-    sections = args.only or ["overhead", "parallel", "scale", "startup", "gpu"]
+    sections = args.only or ["overhead", "parallel", "writer", "scale", "startup", "gpu"]
     reps = args.reps or (1 if args.smoke else 3)
     tables = []
     with tempfile.TemporaryDirectory(prefix="expforge-bench-") as tmp:
@@ -341,6 +379,10 @@ def main() -> None:
             print(tables[-1].title, flush=True)
             parallel(store, 2000 if args.smoke else 20000, 2 if args.smoke else 16, reps,
                      tables[-1])
+        if "writer" in sections:
+            tables.append(Table("Writer process against the in-process store"))
+            print(tables[-1].title, flush=True)
+            writer(store, args.smoke, reps, tables[-1])
         if "scale" in sections:
             tables.append(Table("Scale"))
             print(tables[-1].title, flush=True)

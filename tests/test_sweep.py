@@ -1,0 +1,41 @@
+"""The sweep's parent run: made before the jobs, it ends with their table and the best job."""
+
+from __future__ import annotations
+
+import os
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+
+from expforge.config import to_plain
+from expforge.runner import run_one
+from expforge.sweep import ENV_PARENT, SweepParent
+
+from .conftest import CONF, client, compose
+
+
+def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store) -> None:
+    common = [f"tracking.uri={store['uri']}", f"tracking.artifact_root={store['artifacts']}",
+              "tracking.experiment=sweep-parent", "model=rf", "model.n_estimators=10"]
+    # What Hydra hands the callback: the config with its own section.
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        config = hydra_compose("config", overrides=common, return_hydra_config=True)
+    callback = SweepParent()
+    callback.on_multirun_start(config)
+    parent = os.environ[ENV_PARENT]
+    results = []
+    for depth in (2, 8):
+        cfg = to_plain(compose(*common, f"model.max_depth={depth}"))
+        results.append(run_one(cfg, parent_run_id=parent, log_model=False,
+                               log_plots=False)[0])
+    callback.on_multirun_end(config)
+    assert ENV_PARENT not in os.environ
+    c = client(store["uri"])
+    run = c.get_run(parent)
+    best = min(results, key=lambda r: r.value)
+    assert run.info.status == "FINISHED" and run.data.tags["expforge.role"] == "sweep"
+    assert run.data.tags["best_run_id"] == best.run_id
+    assert run.data.metrics["best_val_rmse"] == best.value
+    assert "jobs.csv" in {a.path for a in c.list_artifacts(parent)}
+    jobs = c.get_run(results[0].run_id)
+    assert jobs.data.tags["mlflow.parentRunId"] == parent
