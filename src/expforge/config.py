@@ -152,7 +152,7 @@ def mask_overrides(overrides: Iterable[str]) -> list[str]:
 
 
 def to_yaml(tree: Any) -> str:
-    """YAML text of plain values, with libyaml's emitter when present (~10x faster)."""
+    """YAML text of plain values, with libyaml's emitter when present (much faster)."""
     import yaml
 
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)

@@ -71,7 +71,7 @@ def build_model(
 
 
 def _construct(target: str, params: Mapping[str, Any]) -> Any:
-    """``target(**params)``. Hydra's instantiate (1.4 ms a call, on every trial's path) only
+    """``target(**params)``. Hydra's instantiate, slow for a call on every trial's path, only
     where a parameter is itself a config with a ``_target_``."""
     from hydra.utils import get_object, instantiate
 

@@ -12,7 +12,7 @@ __all__ = ["model_figures", "prepare", "save_figures", "study_figures"]
 
 def prepare() -> None:
     """Load what the plots need ahead of the first one: matplotlib (Agg) and Optuna's
-    plotting module (~0.5 s)."""
+    plotting module."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -135,8 +135,8 @@ def study_figures(study: Any, target_name: str, multi_objective: bool) -> dict[s
     from optuna.visualization import matplotlib as vis
 
     target = (lambda t: t.values[0]) if multi_objective else None
-    # fANOVA as Optuna's default, with 16 trees of depth 16 instead of 64 of 64: 0.07 s
-    # instead of 1.6 s for a small study, and the same ranking of the parameters that matter.
+    # fANOVA as Optuna's default, with 16 trees of depth 16 instead of 64 of 64: a fraction
+    # of the time, and the same ranking of the parameters that matter (benchmarks/README.md).
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
     plots: dict[str, Any] = {
         "plots/optimization_history.png": vis.plot_optimization_history,

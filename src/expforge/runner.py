@@ -159,7 +159,6 @@ def run_one(
                 model_uri = store.model_of(experiment_id, record.run_id)
         if want_plots:
             attach_figures(store, record.run_id, _model_figures(model, dataset, val_outputs))
-        store.flush()
     finally:
         if own:
             store.close()

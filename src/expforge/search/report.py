@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from expforge.metrics import ranking_key
 from expforge.search.budget import Counts, counts
 from expforge.search.job import RUN_ATTR
 from expforge.search.settings import SearchSettings
@@ -37,8 +38,8 @@ def top_trials(study: Any, settings: SearchSettings) -> Any:
         row.update(t.params)
         rows.append(row)
     first = settings.objective
-    frame = pd.DataFrame(rows).sort_values(first.metric,
-                                           ascending=first.direction == "minimize")
+    frame = pd.DataFrame(rows).sort_values(
+        first.metric, key=lambda column: column.map(lambda v: ranking_key(v, first.direction)))
     return frame.head(settings.top_k).reset_index(drop=True)
 
 

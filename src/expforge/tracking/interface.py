@@ -80,7 +80,7 @@ class Store(ABC):
         """The URI of the run's logged model, or None."""
 
     def load_code(self) -> None:
-        """Load the store's code ahead (~1 s of imports), where it costs nothing: before a
+        """Load the store's code ahead (its imports), where that costs nothing: before a
         fork, whose children then inherit it, or while waiting."""
 
     def warm_up(self) -> None:
