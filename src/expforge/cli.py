@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expforge.process import EXIT_ERROR, EXIT_GATE, guarded
-from expforge.runner import RunContext
-from expforge.sweep import ENV_PARENT
+
+if TYPE_CHECKING:  # --help and the pre-checks must not pay for pandas and scikit-learn
+    from expforge.runner import RunContext
 
 __all__ = ["app_help", "hydra_context", "precheck", "register_job", "run_job"]
 
@@ -21,6 +22,8 @@ __all__ = ["app_help", "hydra_context", "precheck", "register_job", "run_job"]
 def hydra_context() -> RunContext:
     """Hydra's choices and overrides for the current job (empty outside a Hydra app)."""
     from hydra.core.hydra_config import HydraConfig
+
+    from expforge.runner import RunContext
 
     if not HydraConfig.initialized():
         return RunContext()
@@ -42,6 +45,8 @@ def run_job(cfg: Any) -> float | None:
             rep = reproduce_run(str(plain["reproduce"]), plain)
             print_reproduction(rep)
             return rep.result.value
+        from expforge.sweep import ENV_PARENT
+
         sweep_parent = os.environ.get(ENV_PARENT)  # set by SweepParent in a multirun
         search = (plain.get("search") or {}).get("name", "none")
         if search != "none":

@@ -64,7 +64,7 @@ def _storage(settings: SearchSettings, on_stale: FailedTrialRun) -> Any:
             url,
             heartbeat_interval=settings.heartbeat_interval,
             grace_period=settings.grace_period,
-            failed_trial_callback=on_stale,
+            heartbeat_stale_trial_callback=on_stale,
             engine_kwargs={"pool_pre_ping": True},
         )
     return optuna.storages.RDBStorage(url)
