@@ -167,7 +167,10 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
              "tracking.experiment=bench-parallel"]
     counter = iter(range(10**6))
     grid = [0.05, 0.1, 0.15, 0.2]
-    multirun_jobs = len(grid) * 4
+    lambdas = ["0.5", "1", "2", "4"]
+    if n_trials < len(grid) * len(lambdas):  # smoke: as many jobs as trials
+        grid, lambdas = grid[:n_trials], lambdas[:1]
+    multirun_jobs = len(grid) * len(lambdas)
 
     def search(workers: int) -> list[str]:
         i = next(counter)
@@ -179,7 +182,7 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
         values = ",".join(map(str, grid))
         return expforge(store, "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                         *fixed[:7], f"model.learning_rate={values}",
-                        "model.reg_lambda=0.5,1,2,4", "tracking.log_plots=false",
+                        f"model.reg_lambda={','.join(lambdas)}", "tracking.log_plots=false",
                         "tracking.log_model=false", "tracking.experiment=bench-parallel")
 
     times: dict[str, list[float]] = {"1": [], "2": [], "joblib": []}
