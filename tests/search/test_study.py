@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -184,13 +183,12 @@ def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
     """One worker from the command line: a writer process does all the store's work (runs,
     parent, best model) and the command's own process never loads MLflow; it draws the
     plots, which the writer logs. No hand-over file is left behind."""
-    def handovers() -> set[Path]:
-        return set(Path(tempfile.gettempdir()).glob("expforge-*"))
-
-    before = handovers()
+    handover = tmp_path / "tmp"  # its own temporary folder: other tests make theirs
+    handover.mkdir()
     command = _cli(tmp_path, *FAST_RF, "search.n_trials=3")
     done = subprocess.run([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "TMPDIR": str(handover)})
     assert done.returncode == 0, done.stderr[-3000:]
     # The command never loaded MLflow, and its start-up turned the collector back on.
     assert "mlflow loaded here: False gc enabled: True" in done.stdout, done.stdout[-2000:]
@@ -215,7 +213,7 @@ def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
     trial_run = c.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert {d.dataset.name for d in trial_run.inputs.dataset_inputs} == {
         "diabetes-train", "diabetes-val", "diabetes-test"}
-    assert not handovers() - before  # the hand-over files were read and deleted
+    assert not list(handover.glob("expforge-*"))  # the hand-over files were read and deleted
 
 
 def test_two_spawned_workers_where_mlflow_is_loaded(plain, store, tmp_path: Path) -> None:
