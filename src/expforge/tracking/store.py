@@ -87,29 +87,12 @@ def _create_sqlite_store(settings: TrackingSettings) -> None:
     try:
         root = Path(settings.artifact_root or path.parent / "mlartifacts").resolve().as_uri()
         SqlAlchemyStore(f"sqlite:///{temporary}", root).engine.dispose()
-        _write_ahead_log(temporary)
         with contextlib.suppress(FileExistsError):
             os.link(temporary, path)
     finally:
-        for suffix in ("", "-journal", "-wal", "-shm"):
+        for suffix in ("", "-journal"):
             with contextlib.suppress(FileNotFoundError):
                 temporary.with_name(temporary.name + suffix).unlink()
-
-
-def _write_ahead_log(path: Path) -> None:
-    """Put a new store in SQLite's write-ahead-log mode, which the file keeps: a commit
-    appends to the log instead of rewriting pages through a rollback journal (cheaper per
-    run, see benchmarks/README.md), and readers do not wait for a writer. (The log needs a
-    local file system, as SQLite does for several processes anyway; a store shared between
-    machines is a tracking server.)"""
-    import sqlite3
-
-    connection = sqlite3.connect(path)
-    try:
-        with contextlib.suppress(sqlite3.DatabaseError):  # then it keeps its journal
-            connection.execute("PRAGMA journal_mode=WAL")
-    finally:
-        connection.close()
 
 
 def check_reachable(uri: str) -> None:
