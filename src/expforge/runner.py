@@ -154,9 +154,7 @@ def run_one(
                                     autolog=(settings.uri, want_model) if autolog else None)
         model_uri = None
         if want_model and not autolog:
-            attach_model(store, record.run_id, model, dataset)
-            if own:
-                model_uri = store.model_of(experiment_id, record.run_id)
+            model_uri = attach_model(store, record.run_id, model, dataset)
         if want_plots:
             attach_figures(store, record.run_id, _model_figures(model, dataset, val_outputs))
     finally:
@@ -397,9 +395,10 @@ def _build(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None) -> An
     )
 
 
-def attach_model(store: Store, run_id: str, model: Any, dataset: Dataset) -> None:
-    """Log a fitted model into a run, with five raw rows as its input example."""
-    store.attach_model(run_id, model, dataset.train.X.head(5))
+def attach_model(store: Store, run_id: str, model: Any, dataset: Dataset) -> str | None:
+    """Log a fitted model into a run, with five raw rows as its input example; its URI where
+    the store logs it at once."""
+    return store.attach_model(run_id, model, dataset.train.X.head(5))
 
 
 def attach_figures(store: Store, run_id: str, figures: dict[str, Any]) -> None:

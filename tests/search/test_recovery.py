@@ -3,6 +3,7 @@ model lost with its session."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -181,3 +182,53 @@ def test_a_best_run_killed_while_its_model_was_logged_is_ended_with_its_model(
     assert run.data.params["search.n_trials"] == "2"  # as written by its own session
     assert study.best_trial.user_attrs["mlflow_run_id"] == best_run  # seeded: trial 2 is worse
     assert len(models_of(best_run)) == 1
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_dead_writer_stops_the_study_without_counting_its_trials(tmp_path: Path) -> None:
+    """The writer process killed in the middle of a study: one line naming it, exit 1, and
+    the trials it took down are not counted as failures of their configs, so the same
+    command, run again, completes the budget."""
+    args = _cli(tmp_path, "model=rf", "search_space.model.n_estimators.low=300",
+                "search_space.model.n_estimators.high=400", "search.n_trials=4",
+                "search.plots=false", "search.max_failure_ratio=0.1")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    journal = tmp_path / "s.journal"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            trials = load(journal, "cli").trials if journal.exists() else []
+        except KeyError:
+            trials = []
+        if any(t.state == optuna.trial.TrialState.COMPLETE for t in trials):
+            break
+        time.sleep(0.1)
+    writers = _children(proc.pid)
+    assert writers, "the command has no writer process"
+    for pid in writers:
+        os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "the run writer process" in lines[0], err[-3000:]
+    failed = [t for t in load(journal, "cli").trials
+              if t.state == optuna.trial.TrialState.FAIL]
+    assert not [t for t in failed if "error" in t.user_attrs]  # not a verdict on the configs
+    again = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    _assert_budget_exact(tmp_path, 4)
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = c.get_experiment_by_name("expforge").experiment_id
+    assert not [r for r in c.search_runs([exp_id]) if r.info.status == "RUNNING"]

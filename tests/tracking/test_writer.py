@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from expforge.errors import TrackingError
 from expforge.tracking import LocalStore, RunRecord, Store, TrackingSettings, describe_dataset
 from expforge.tracking._writer import WriterClient
 
@@ -186,7 +187,7 @@ def test_a_dead_writer_is_one_clear_error(tmp_path: Path) -> None:
     writer = WriterClient(settings.uri)
     experiment = writer.connect(settings)
     os.kill(writer.pid, signal.SIGKILL)
-    with pytest.raises(Exception, match=r"the run writer process \(pid \d+\) ended"):
+    with pytest.raises(TrackingError, match=r"the run writer process \(pid \d+\) ended"):
         for _ in range(100):  # the pipe may take a moment to tell
             writer.wait(writer.create_run(experiment, "late", {}))
             time.sleep(0.05)

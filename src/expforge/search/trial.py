@@ -7,7 +7,7 @@ import os
 import socket
 from typing import Any
 
-from expforge.errors import ConfigError, first_line
+from expforge.errors import ConfigError, TrackingError, first_line
 from expforge.metrics import better
 from expforge.runner import RunContext, attach_figures, attach_model, model_figures, run_one
 from expforge.search.budget import BudgetReached, rank
@@ -32,6 +32,9 @@ class TrialObjective:
         self.log_each = settings.log_models == "all" or (
             settings.log_models == "best" and settings.multi_objective)
         self.best: tuple[float, str, Any] | None = None
+        # A store that failed during a trial: not a verdict on the trial's config, and the
+        # next trials would fail the same way; the loop stops the study with it.
+        self.store_error: TrackingError | None = None
         # The study's command line is on the parent run; a trial's own values are its params.
         self.context = RunContext(choices=job.context.choices)
 
@@ -86,6 +89,9 @@ class TrialObjective:
                 end_tags=end_tags,
             )
         except optuna.TrialPruned:
+            raise
+        except TrackingError as exc:  # the store's failure, not the config's: not counted
+            self.store_error = exc
             raise
         except BaseException as exc:
             if not isinstance(exc, (KeyboardInterrupt, SystemExit)):

@@ -49,8 +49,9 @@ class Store(ABC):
         """A run's contents in one go, and its end (unless ``record.status`` is None)."""
 
     @abstractmethod
-    def attach_model(self, run_id: str, model: Any, input_example: Any) -> None:
-        """Log a fitted model into a run, written or not."""
+    def attach_model(self, run_id: str, model: Any, input_example: Any) -> str | None:
+        """Log a fitted model into a run, written or not; its URI where it is logged at once
+        (None where another process logs it)."""
 
     @abstractmethod
     def attach_files(self, run_id: str, folder: str) -> None:

@@ -77,11 +77,7 @@ class LocalStore(Store):
         with self._failing("writing a run"), interrupts_deferred():
             runs.write_record(self.client, record, self._locations, self._inputs)
 
-    def attach_model(self, run_id: str, model: Any, input_example: Any) -> None:
-        self.attach_model_now(run_id, model, input_example)
-
-    def attach_model_now(self, run_id: str, model: Any, input_example: Any) -> str:
-        """``attach_model``; the model's URI."""
+    def attach_model(self, run_id: str, model: Any, input_example: Any) -> str:
         with self._failing("logging a model"), interrupts_deferred():
             return models.attach_model(self.uri, run_id, model, input_example)
 

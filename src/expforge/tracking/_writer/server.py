@@ -130,7 +130,7 @@ def _do(store: LocalStore, request: m.Request) -> Any:
                     model, example = pickle.load(f)  # written by the client (mode 0600)
             finally:
                 os.unlink(path)
-            store.attach_model_now(run_id, model, example)
+            store.attach_model(run_id, model, example)
         case m.AttachFiles(run_id=run_id, folder=folder):
             store.attach_files(run_id, folder)
         case m.EndRun(run_id=run_id, status=status, tags=tags):
