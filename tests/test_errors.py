@@ -5,6 +5,7 @@ Each row of the README's error table is a case here, run as a user types it."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from expforge.runner import run_one
 
-from .conftest import client, compose, free_port, run_cli
+from .conftest import ROOT, client, compose, free_port, run_cli
 
 
 @pytest.fixture()
@@ -22,6 +23,12 @@ def files(tmp_path: Path) -> dict[str, Path]:
            "nofeat": tmp_path / "nofeat.csv", "notadb": tmp_path / "broken.db"}
     out["empty"].write_text("")
     out["notadb"].write_text("not a database\n" * 100)
+    out["folder"] = tmp_path / "a-folder.csv"
+    out["folder"].mkdir()
+    out["oneclass"], out["inf"] = tmp_path / "oneclass.csv", tmp_path / "inf.csv"
+    pd.DataFrame({"x": range(20), "y": ["spam"] * 20}).to_csv(out["oneclass"], index=False)
+    pd.DataFrame({"x": [1.0, float("inf")] * 10, "y": [0.5, 1.5] * 10}).to_csv(
+        out["inf"], index=False)
     pd.DataFrame({"x": [1.0, 2.0, 3.0, 4.0], "y": [1.0, None, 2.0, 3.0]}).to_csv(
         out["nan"], index=False)
     pd.DataFrame({"when": ["2021-01-01"] * 4, "y": [1.0, 2.0, 3.0, 4.0]}).to_csv(
@@ -43,7 +50,9 @@ def immutable(tmp_path: Path) -> Iterator[Path]:
 
 
 CASES = {
-    "unknown-option": (["model=xgbb"], "Available options in 'model'"),
+    "unknown-option": (["model=xgbb"], "error: model=xgbb is not an option of the model "
+                                       "group (no conf/model/xgbb.yaml); choose one of: hgb, "
+                                       "linear, rf, xgb"),
     "misspelt-key": (["model.max_dept=3"],
                      "error: model.max_dept=3 names model.max_dept, which is not a config key; "
                      "did you mean model.max_depth?"),
@@ -57,6 +66,19 @@ CASES = {
                    "is empty; it needs a header and at least one row"),
     "nan-target": (["data=tabular", "data.path={nan}", "data.target=y"],
                    "error: data.target=y has 1 missing value(s)"),
+    "unknown-experiment": (["experiment=nope"],
+                           "error: experiment=nope is not an option of the experiment group "
+                           "(no conf/experiment/nope.yaml); choose one of: nyc_taxi_duration,"),
+    "unknown-option-in-a-sweep": (["-m", "model=rf,xgbb"],
+                                  "error: model=xgbb is not an option of the model group"),
+    "folder-as-data-file": (["data=tabular", "data.path={folder}", "data.target=y"],
+                            "error: data.path={folder} is a folder, not a data file"),
+    "single-class-target": (["data=tabular", "data.path={oneclass}", "data.target=y",
+                             "data.task=binary"],
+                            "error: data.target=y has a single class (spam)"),
+    "data-the-model-refuses": (["data=tabular", "data.path={inf}", "data.target=y"],
+                               "error: model=rf cannot be fitted on data=tabular: Input X "
+                               "contains infinity"),
     "no-features": (["data=tabular", "data.path={nofeat}", "data.target=y"],
                     "error: the data has no usable feature besides the target y"),
     "space-key": (["search=optuna", '+search_space.model.max_dept="int(interval(1, 3))"'],
@@ -101,6 +123,24 @@ def test_bad_input_row(case: str, tmp_path: Path, files, request) -> None:
         runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
         assert not [r for r in runs if r.info.status == "RUNNING"]
         assert not c.search_registered_models()
+
+
+def test_a_config_file_with_a_yaml_error_is_one_line(tmp_path: Path) -> None:
+    import shutil
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "run.py", project / "run.py")
+    shutil.copytree(ROOT / "conf", project / "conf")  # the experiment link copied as a folder
+    (project / "conf" / "experiment" / "typo.yaml").write_text(
+        "# @package _global_\nmodel:\n  max_depth: [3, 4\n")
+    done = subprocess.run([sys.executable, str(project / "run.py"), "experiment=typo"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: conf/experiment/typo.yaml is not valid YAML (while parsing a flow sequence: "
+        "expected ',' or ']', but got '<stream end>' at line 4, column 1); fix the file"]
+    assert not (project / "mlflow.db").exists()
 
 
 def test_unreachable_server_fails_fast(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from expforge.errors import first_line
 from expforge.process import EXIT_ERROR, EXIT_GATE, guarded
 
 if TYPE_CHECKING:  # --help and the pre-checks must not pay for pandas and scikit-learn
@@ -132,6 +133,7 @@ def precheck(argv: list[str], root: Path, config_name: str) -> None:
         return  # a syntax error: Hydra reports it
     given = {o.key_or_group: o.value() for o in overrides}
     _check_writable(given, root)
+    _check_groups(overrides, root / "conf", config_name)
     keys, groups = [], []
     for o in overrides:
         if o.is_add() or o.is_delete() or o.is_force_add() or o.key_or_group.startswith("hydra"):
@@ -160,6 +162,86 @@ def _check_writable(given: dict[str, Any], root: Path) -> None:
               "fix the permissions of the project directory or set paths.outputs=<writable "
               "folder> (and tracking.uri)", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+
+
+def _group_options(conf: Path) -> dict[str, set[str]]:
+    """Each config group (a folder under ``conf/``, or a registered schema) and its options."""
+    from hydra.core.config_store import ConfigStore
+
+    options: dict[str, set[str]] = {}
+    for folder in (p for p in conf.iterdir() if p.is_dir()):
+        options[folder.name] = {f.stem for f in folder.iterdir()
+                                if f.suffix in (".yaml", ".yml")}
+    for group, entries in ConfigStore.instance().repo.items():  # the schemas
+        if isinstance(entries, dict) and group in options:
+            options[group] |= {name.rsplit(".", 1)[0] for name in entries}
+    return options
+
+
+def _check_groups(overrides: list[Any], conf: Path, config_name: str) -> None:
+    """An unknown group option (``experiment=nope``, which the defaults list marks
+    optional, would otherwise be skipped without a word) and a config file that is not
+    valid YAML (a traceback from deep inside Hydra), each in one line."""
+    options = _group_options(conf)
+    chosen = _default_choices(conf / f"{config_name}.yaml")
+    for o in overrides:
+        group = o.key_or_group
+        if group not in options or o.is_delete() or o.package:
+            continue
+        value = o.value()
+        values = getattr(value, "list", None)
+        if values is None:
+            values = [value] if isinstance(value, str) else []
+        chosen[group] = [str(v) for v in values]
+        for v in chosen[group]:
+            if v not in options[group] and v != "null":
+                listed = ", ".join(sorted(options[group]))
+                _fail(f"{group}={v} is not an option of the {group} group (no "
+                      f"{conf.name}/{group}/{v}.yaml); choose one of: {listed}")
+    files = [conf / f"{config_name}.yaml"] + [
+        conf / group / f"{v}.yaml" for group, values in chosen.items() for v in values]
+    for file in files:
+        _check_yaml(file, conf)
+
+
+def _default_choices(primary: Path) -> dict[str, list[str]]:
+    """The group options that the primary config's defaults list picks (interpolated and
+    optional entries aside)."""
+    import yaml
+
+    try:
+        defaults = (yaml.safe_load(primary.read_text()) or {}).get("defaults") or []
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}  # reported by _check_yaml or by Hydra
+    chosen: dict[str, list[str]] = {}
+    for entry in defaults:
+        if isinstance(entry, dict) and len(entry) == 1:
+            (group, value), = entry.items()
+            if isinstance(value, str) and "${" not in value and " " not in str(group):
+                chosen[str(group)] = [value]
+    return chosen
+
+
+def _check_yaml(file: Path, conf: Path) -> None:
+    import yaml
+
+    if not file.is_file():
+        return
+    try:
+        yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or first_line(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{context}: {problem}" if context else str(problem)
+        _fail(f"{file.relative_to(conf.parent)} is not valid YAML ({detail} at{where}); "
+              "fix the file")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_ERROR)
 
 
 def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: str) -> None:
@@ -215,20 +297,13 @@ def app_help(argv: list[str], root: Path, config_name: str, app_name: str) -> bo
     if not any(a in _HELP_FLAGS for a in argv):
         return False
     from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
     conf = root / "conf"
     overrides = [a for a in argv if not a.startswith("-")]
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides)
-    options: dict[str, set[str]] = {}
-    for folder in (p for p in conf.iterdir() if p.is_dir()):
-        options[folder.name] = {f.stem for f in folder.iterdir()
-                                if f.suffix in (".yaml", ".yml")}
-    for group, entries in ConfigStore.instance().repo.items():  # the schemas
-        if isinstance(entries, dict) and group in options:
-            options[group] |= {name.rsplit(".", 1)[0] for name in entries}
+    options = _group_options(conf)
     groups = [f"{group}: {', '.join(sorted(found))}"
               for group, found in sorted(options.items()) if found]
     print(f"{app_name} is powered by Hydra.\n\n== Configuration groups ==\n"

@@ -311,6 +311,9 @@ def _read_table(
     if not path:
         raise DataError(f"{key} is not set; give the path of a .csv or .parquet file")
     file = _resolve(path, root)
+    if file.exists() and not file.is_file():
+        raise DataError(f"{key}={path} is a {'folder' if file.is_dir() else 'special file'}, "
+                        f"not a data file ({file}); give the path of a .csv or .parquet file")
     if not file.is_file():
         raise DataError(
             f"{key}={path} does not exist (looked at {file}); fix the path "
@@ -382,6 +385,12 @@ def _encode_target(y: pd.Series, task: str) -> tuple[pd.Series, tuple[str, ...]]
     if task == "regression":
         return y.astype(float), ()
     codes, uniques = pd.factorize(y, sort=True)
+    if len(uniques) < 2:
+        raise DataError(
+            f"data.target={y.name} has a single class ({uniques[0] if len(uniques) else 'none'})"
+            ", so there is nothing to classify; use data with at least two classes or set "
+            "data.task=regression"
+        )
     if task == "binary" and len(uniques) != 2:
         raise DataError(
             f"data.task=binary but data.target={y.name} has {len(uniques)} classes; "

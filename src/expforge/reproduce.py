@@ -40,6 +40,15 @@ def reproduce_run(run_id: str, current: Mapping[str, Any]) -> Reproduction:
     check_reachable(tracking.uri)
     client = reader(tracking.uri)
     source = queries.require_run(client, run_id, "reproduce")
+    role = source.data.tags.get("expforge.role")
+    if role in queries.PARENT_ROLES:
+        best = source.data.tags.get("best_run_id")
+        hint = f"reproduce=<a child run id> (the best: reproduce={best})" if best else \
+            "reproduce=<a child run id>"
+        raise ConfigError(
+            f"reproduce={run_id} is the parent run of a {role}, not a run that trained a "
+            f"model; give {hint}, or run the {role}'s command again to repeat it"
+        )
     text = queries.read_text(client, run_id, "config.yaml")
     if text is None:
         raise ConfigError(

@@ -270,6 +270,11 @@ def fit(
             _fit_reporting(model, dataset, reporter)
     except Exception as exc:
         rejected = _rejected_param(exc, model_cfg, dataset.task)
+        if rejected is None and isinstance(exc, (ValueError, TypeError)):
+            # the estimator refusing the data (infinite values, one class in a split, ...)
+            rejected = (f"model={model_cfg.get('name', 'model')} cannot be fitted on "
+                        f"data={dataset.name}: {first_line(exc).rstrip('.')}; check the data's values "
+                        "(data.path, data.target) and the model's settings")
         if rejected is None:
             raise
         raise ModelError(rejected) from None

@@ -380,7 +380,8 @@ def test_deleted_parent_run_gets_a_new_parent(plain, store, tmp_path: Path) -> N
     assert client(store["uri"]).get_run(second).info.status == "FINISHED"
 
 
-def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Path) -> None:
+def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     cfg = plain("search=optuna", "model=rf", "search.n_trials=3", "search.study_name=moo",
                 f"search.storage={tmp_path}/s.journal", "search.plots=false",
                 "search.sampler._target_=optuna.samplers.NSGAIISampler",
@@ -392,14 +393,16 @@ def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Pat
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
     assert all(len(t.values) == 2 for t in study.trials)
 
-    grid = plain("search=optuna", "model=rf", "search.n_trials=4", "search.study_name=grid",
+    # a budget larger than the grid: the study stops once the grid is covered, and says so
+    grid = plain("search=optuna", "model=rf", "search.n_trials=7", "search.study_name=grid",
                  f"search.storage={tmp_path}/s.journal", "search.plots=false",
                  "search.sampler._target_=optuna.samplers.GridSampler", "~search.sampler.seed")
     grid["search_space"] = {"model.max_depth": "choice(2, 4)", "model.n_estimators": "range(5, 6)"}
     run_search(grid)
-    seen = {(t.params["model.max_depth"], t.params["model.n_estimators"])
-            for t in load(tmp_path / "s.journal", "grid").trials}
-    assert seen == {(2, 5), (2, 6), (4, 5), (4, 6)}
+    trials = load(tmp_path / "s.journal", "grid").trials
+    seen = {(t.params["model.max_depth"], t.params["model.n_estimators"]) for t in trials}
+    assert seen == {(2, 5), (2, 6), (4, 5), (4, 6)} and len(trials) == 4
+    assert "search.n_trials=7 is more than the 4 configs of the grid" in capsys.readouterr().err
 
 
 def test_a_study_in_a_sweep_hangs_under_the_sweep_parent(plain, store, tmp_path: Path) -> None:

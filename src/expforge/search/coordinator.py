@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,8 @@ from expforge.search.loop import optimize
 from expforge.search.parent import finish, open_parent_run
 from expforge.search.recovery import reap_orphans
 from expforge.search.report import Progress
-from expforge.search.settings import settings_of
-from expforge.search.space import parse_space
+from expforge.search.settings import SearchSettings, settings_of
+from expforge.search.space import Param, parse_space, space_size
 from expforge.search.study import open_study, pruner, sampler
 from expforge.search.workers import Worker, start_workers, stop_workers, watch
 from expforge.tracking import TrackingSettings, open_store
@@ -63,6 +63,7 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
         dataset = load_data(plain["data"], int(plain["seed"]), Path(plain["paths"]["root"]))
         settings = settings_of(plain, dataset.task)
         params = parse_space(plain.get("search_space"), plain)
+        settings = _within_space(settings, params)
         sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
         pruner(settings)
     except BaseException:
@@ -79,6 +80,22 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
         return _coordinate(job, workers)
     finally:
         job.store.close()
+
+
+def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettings:
+    """A finite space smaller than the budget: a grid stops when it is covered (it would
+    start over), any other sampler is told that it will repeat configs."""
+    size = space_size(params)
+    if size is None or settings.n_trials <= size:
+        return settings
+    if str(settings.sampler.get("_target_", "")).endswith("GridSampler"):
+        print(f"warning: search.n_trials={settings.n_trials} is more than the {size} configs "
+              f"of the grid; the study stops after {size} trials", file=sys.stderr)
+        return replace(settings, n_trials=size)
+    print(f"warning: search.n_trials={settings.n_trials} is more than the {size} distinct "
+          "configs of the search space, so trials will repeat configs; lower search.n_trials"
+          " or widen the space", file=sys.stderr)
+    return settings
 
 
 def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:

@@ -30,7 +30,7 @@ from typing import Any
 from expforge.config import closest_keys, flatten
 from expforge.errors import SearchError, first_line
 
-__all__ = ["Param", "apply_params", "parse_space", "suggest"]
+__all__ = ["Param", "apply_params", "parse_space", "space_size", "suggest"]
 
 _TYPES = ("int", "float", "categorical")
 _MISSING = object()
@@ -122,6 +122,25 @@ def apply_params(config: Mapping[str, Any], chosen: Mapping[str, Any]) -> dict[s
             node = node[part]
         node[leaf] = value.item() if hasattr(value, "item") else value
     return out
+
+
+def space_size(params: list[Param]) -> int | None:
+    """How many distinct configs the space holds, None when it is continuous (an upper
+    bound where params are conditional)."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    size = 1
+    for p in params:
+        d = p.distribution
+        if isinstance(d, CategoricalDistribution):
+            size *= len(d.choices)
+        elif isinstance(d, IntDistribution):
+            size *= len(range(d.low, d.high + 1, 1 if d.log else d.step))
+        elif isinstance(d, FloatDistribution) and d.step is not None:
+            size *= round((d.high - d.low) / d.step) + 1
+        else:
+            return None
+    return size
 
 
 def grid_of(params: list[Param]) -> dict[str, list[Any]]:
