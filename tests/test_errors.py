@@ -143,6 +143,36 @@ def test_a_config_file_with_a_yaml_error_is_one_line(tmp_path: Path) -> None:
     assert not (project / "mlflow.db").exists()
 
 
+def test_a_study_refuses_another_model_space_or_objective(tmp_path: Path) -> None:
+    """Optuna would fail every trial of the other config inside suggest, without end."""
+    import optuna
+
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"paths.outputs={tmp_path}/out",
+             f"tracking.artifact_root={tmp_path}/art", f"search.storage={tmp_path}/s.journal",
+             "search=optuna", "search.study_name=kept", "search.n_trials=2", "search.plots=false",
+             "model=rf", "model.n_estimators=5"]
+    assert run_cli(*store).returncode == 0
+    fix = ("; run it with the config it was created for, or start a new study with "
+           "search.study_name=<new name> (its trials are kept either way)")
+    for change, difference in [
+        (["model=xgb"], "model=rf, not model=xgb"),
+        (["search_space.model.n_estimators.log=false"],
+         "search_space.model.n_estimators=int(10, 300, log=True), not int(10, 300)"),
+        (["metric=val_mae"], "the objective val_rmse (minimize), not val_mae (minimize)"),
+    ]:
+        done = run_cli(*store, *change, timeout=60)
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"error: search.study_name=kept was created for {difference}{fix}")
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "s.journal")))
+    trials = optuna.load_study(study_name="kept", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+
+
 def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
     import time
 

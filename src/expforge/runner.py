@@ -273,8 +273,8 @@ def fit(
         if rejected is None and isinstance(exc, (ValueError, TypeError)):
             # the estimator refusing the data (infinite values, one class in a split, ...)
             rejected = (f"model={model_cfg.get('name', 'model')} cannot be fitted on "
-                        f"data={dataset.name}: {first_line(exc).rstrip('.')}; check the data's values "
-                        "(data.path, data.target) and the model's settings")
+                        f"data={dataset.name}: {first_line(exc).rstrip('.')}; check the data's "
+                        "values (data.path, data.target) and the model's settings")
         if rejected is None:
             raise
         raise ModelError(rejected) from None

@@ -111,7 +111,8 @@ def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
                                               meanwhile=prepare if plots else None)
         if settings.log_models == "best" and not settings.multi_objective:
             job.store.warm_up()
-        study = open_study(settings, job.params, 0, job.store, job.experiment_id)
+        study = open_study(settings, job.params, 0, job.store, job.experiment_id,
+                           job.model_name)
         reap_orphans(study, job)
         job.parent_run_id, _ = open_parent_run(job, study)
         with job.store.ended(job.parent_run_id):

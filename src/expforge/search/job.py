@@ -15,8 +15,8 @@ from expforge.search.settings import SearchSettings
 from expforge.search.space import Param, apply_params
 from expforge.tracking import Store, TrackingSettings
 
-__all__ = ["HOST_ATTR", "METRICS_ATTR", "PARENT_ATTR", "PID_ATTR", "RUN_ATTR", "SKIPPED_ATTR",
-           "STUDY_ROLE", "Job"]
+__all__ = ["HOST_ATTR", "METRICS_ATTR", "PARENT_ATTR", "PID_ATTR", "PURPOSE_ATTR", "RUN_ATTR",
+           "SKIPPED_ATTR", "STUDY_ROLE", "Job"]
 
 STUDY_ROLE = "study"  # the parent run's expforge.role
 RUN_ATTR = "mlflow_run_id"  # a trial's run, as optuna-integration names it
@@ -25,6 +25,7 @@ PID_ATTR = "expforge.pid"  # the process that runs the trial ...
 HOST_ATTR = "expforge.host"  # ... on this host
 SKIPPED_ATTR = "expforge.skipped"  # a trial asked for after the budget was spent
 METRICS_ATTR = "expforge.metrics"  # all of a trial's metrics, to write a lost run again
+PURPOSE_ATTR = "expforge.created_for"  # the study's model, space and objective
 
 
 @dataclass
@@ -41,6 +42,10 @@ class Job:
     parent_run_id: str = ""
     experiment_id: str = ""
     sweep_parent_run_id: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return str(self.plain["model"].get("name", "model"))
 
     def trial_config(self, number: int, chosen: Mapping[str, Any]) -> dict[str, Any]:
         """The resolved config of trial ``number``: the study's, with the trial's values."""

@@ -68,5 +68,5 @@ def _loop(job: Job, study: Any, objective: TrialObjective, callbacks: list[Any],
         check_failures(settings, now)
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
                        gc_after_trial=False, show_progress_bar=False)
-        if objective.store_error is not None:
-            raise objective.store_error
+        if objective.stop_error is not None:
+            raise objective.stop_error

@@ -8,18 +8,21 @@ from typing import Any
 
 from expforge import config as config_mod
 from expforge.errors import ConfigError, ExpforgeError, SearchError, first_line
+from expforge.search.job import PURPOSE_ATTR
 from expforge.search.recovery import FailedTrialRun
 from expforge.search.settings import SearchSettings
 from expforge.search.space import Param, grid_of
 from expforge.tracking import Store
 
-__all__ = ["open_study", "pruner", "sampler"]
+__all__ = ["keep_purpose", "open_study", "pruner", "purpose_of", "sampler"]
 
 
 def open_study(settings: SearchSettings, params: list[Param], index: int, store: Store,
-               experiment_id: str) -> Any:
+               experiment_id: str, model: str) -> Any:
     """Create or load the study; worker ``index`` gets its own sampler seed. ``store`` and
-    ``experiment_id`` end the runs of trials whose heartbeat stops (RDB storage)."""
+    ``experiment_id`` end the runs of trials whose heartbeat stops (RDB storage). A study
+    loaded again must be for the same ``model``, space and objective (see ``keep_purpose``).
+    """
     import optuna
 
     # Failed trials are reported in one line each (see report.report_failure).
@@ -33,6 +36,7 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
             directions=settings.directions,  # type: ignore[arg-type]  # checked
             load_if_exists=True,
         )
+        keep_purpose(study, settings, purpose_of(settings, params, model))
         existing = len(study.get_trials(deepcopy=False))
         if existing:  # a resume: a sampler seeded as before would replay the first trials
             study.sampler = sampler(settings, params, index, offset=existing)
@@ -48,6 +52,78 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
             f"search.storage={config_mod.mask_uri(settings.storage)} cannot be opened: "
             f"{first_line(exc)}"
         ) from None
+
+
+def purpose_of(settings: SearchSettings, params: list[Param], model: str) -> dict[str, Any]:
+    """What a study is created for: the model, the space and the objective(s)."""
+    from optuna.distributions import distribution_to_json
+
+    return {"model": model,
+            "objective": [f"{o.metric} ({o.direction})" for o in settings.objectives],
+            "space": {p.key: distribution_to_json(p.distribution) for p in params}}
+
+
+def keep_purpose(study: Any, settings: SearchSettings, purpose: dict[str, Any]) -> None:
+    """Refuse to mix trials of another model, space or objective into a study: Optuna
+    would fail every such trial inside ``suggest``, or mix incomparable values."""
+    stored = study.user_attrs.get(PURPOSE_ATTR)
+    if stored is None:
+        stored = _purpose_of_trials(study, purpose)
+        if stored is None:  # a new study (or one without trials): this is its purpose
+            study.set_user_attr(PURPOSE_ATTR, purpose)
+            return
+    differences = _differences(stored, purpose)
+    if differences:
+        name = settings.study_name
+        raise SearchError(
+            f"search.study_name={name} was created for {'; '.join(differences)}; run it "
+            "with the config it was created for, or start a new study with "
+            f"search.study_name=<new name> (its trials are kept either way)"
+        )
+
+
+def _purpose_of_trials(study: Any, purpose: dict[str, Any]) -> dict[str, Any] | None:
+    """The space of a study made before expforge recorded its purpose, from its trials."""
+    from optuna.distributions import distribution_to_json
+
+    for t in study.get_trials(deepcopy=False):
+        if t.distributions:  # only the params this trial was given (conditions)
+            space = {k: distribution_to_json(d) for k, d in t.distributions.items()}
+            return {**purpose, "space": {**purpose["space"], **space}}
+    return None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    import json
+
+    out = []
+    if old.get("model") != new["model"]:
+        out.append(f"model={old.get('model')}, not model={new['model']}")
+    if old.get("objective") != new["objective"]:
+        out.append(f"the objective {', '.join(old.get('objective') or [])}, not "
+                   f"{', '.join(new['objective'])}")
+    old_space, new_space = old.get("space") or {}, new["space"]
+    if old_space != new_space and old.get("model") == new["model"]:  # else it goes without saying
+        changed = [k for k in sorted(set(old_space) | set(new_space))
+                   if old_space.get(k) != new_space.get(k)]
+        parts = []
+        for k in changed[:3]:
+            was = _described(json.loads(old_space[k])) if k in old_space else "absent"
+            now = _described(json.loads(new_space[k])) if k in new_space else "absent"
+            parts.append(f"search_space.{k}={was}, not {now}")
+        more = f" (and {len(changed) - 3} more)" if len(changed) > 3 else ""
+        out.append(", ".join(parts) + more)
+    return out
+
+
+def _described(spec: dict[str, Any]) -> str:
+    attrs = {k: v for k, v in spec.get("attributes", {}).items() if v not in (None, False)}
+    if "choices" in attrs:
+        return f"choice({', '.join(map(str, attrs['choices']))})"
+    kind = spec.get("name", "").replace("Distribution", "").lower()
+    extra = [f"{k}={v}" for k, v in attrs.items()
+             if k not in ("low", "high") and (k, v) != ("step", 1)]
+    return f"{kind}({', '.join([str(attrs.get('low')), str(attrs.get('high')), *extra])})"
 
 
 def _storage(settings: SearchSettings, on_stale: FailedTrialRun) -> Any:

@@ -7,7 +7,7 @@ import os
 import socket
 from typing import Any
 
-from expforge.errors import ConfigError, TrackingError, first_line
+from expforge.errors import ConfigError, ExpforgeError, SearchError, TrackingError, first_line
 from expforge.metrics import better
 from expforge.runner import RunContext, attach_figures, attach_model, model_figures, run_one
 from expforge.search.budget import BudgetReached, rank
@@ -32,13 +32,28 @@ class TrialObjective:
         self.log_each = settings.log_models == "all" or (
             settings.log_models == "best" and settings.multi_objective)
         self.best: tuple[float, str, Any] | None = None
-        # A store that failed during a trial: not a verdict on the trial's config, and the
-        # next trials would fail the same way; the loop stops the study with it.
-        self.store_error: TrackingError | None = None
+        # A trial that failed outside its model (the store, the writer, a config that does
+        # not fit the study, a metric the runs do not log): not a verdict on the trial's
+        # config, and every next trial would fail the same way; the loop stops the study.
+        self.stop_error: ExpforgeError | None = None
         # The study's command line is on the parent run; a trial's own values are its params.
         self.context = RunContext(choices=job.context.choices)
 
     def __call__(self, trial: Any) -> Any:
+        import optuna
+
+        try:
+            return self._trial(trial)
+        except (optuna.TrialPruned, BudgetReached, ModelFailed):
+            raise
+        except Exception as exc:  # see stop_error
+            self.stop_error = exc if isinstance(exc, ExpforgeError) else SearchError(
+                f"search.study_name={self.job.settings.study_name}: a trial failed outside "
+                f"its model ({type(exc).__name__}: {first_line(exc)}); the study stops rather "
+                "than fail every trial the same way")
+            raise
+
+    def _trial(self, trial: Any) -> Any:
         import optuna
 
         job, settings = self.job, self.job.settings
@@ -88,15 +103,11 @@ class TrialObjective:
                 stop_early=(optuna.TrialPruned,),
                 end_tags=end_tags,
             )
-        except optuna.TrialPruned:
-            raise
-        except TrackingError as exc:  # the store's failure, not the config's: not counted
-            self.store_error = exc
-            raise
-        except BaseException as exc:
-            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                trial.set_user_attr("error", first_line(exc)[:1000])  # a verdict on the config
-            raise
+        except (optuna.TrialPruned, TrackingError, KeyboardInterrupt, SystemExit):
+            raise  # a TrackingError is the store's failure, not the config's: not counted
+        except Exception as exc:
+            trial.set_user_attr("error", first_line(exc)[:1000])  # a verdict on the config
+            raise ModelFailed(exc) from exc
         values = tuple(_metric(result.metrics, o.metric) for o in settings.objectives)
         trial.set_user_attr(METRICS_ATTR, result.metrics)
         if self.defer and better(values[0], self.best[0] if self.best else None,
@@ -120,6 +131,15 @@ class TrialObjective:
             attach_figures(self.job.store, run_id, model_figures(model, self.job.dataset))
         self.best = None
         return True
+
+
+class ModelFailed(Exception):
+    """The trial's own config failed (its run ended FAILED): counted against the study's
+    ``max_failure_ratio``, and the study goes on."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class TrialReporter:

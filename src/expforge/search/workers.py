@@ -72,7 +72,8 @@ def _worker_main(job: Job, index: int, channel: Any, command_ends: list[Any]) ->
 
 
 def _work(job: Job, index: int) -> None:
-    study = open_study(job.settings, job.params, index, job.store, job.experiment_id)
+    study = open_study(job.settings, job.params, index, job.store, job.experiment_id,
+                       job.model_name)
     objective = optimize(job, study, progress=None)
     with interrupts_deferred():
         objective.flush_best()
