@@ -232,3 +232,32 @@ def test_a_dead_writer_stops_the_study_without_counting_its_trials(tmp_path: Pat
     c = client(f"sqlite:///{tmp_path}/mlflow.db")
     exp_id = c.get_experiment_by_name("expforge").experiment_id
     assert not [r for r in c.search_runs([exp_id]) if r.info.status == "RUNNING"]
+
+
+def test_a_journal_cut_by_a_crash_keeps_its_finished_trials(tmp_path: Path) -> None:
+    """A process killed while appending leaves a torn last line: it is cut before anything is
+    appended, and what came before is kept. A line damaged in the middle is named."""
+    args = _cli(tmp_path, "model=linear", "search.plots=false", "search.n_trials=3")
+    assert subprocess.run(args, capture_output=True, check=False).returncode == 0
+    journal = tmp_path / "s.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[:-25])  # the last trial's end cut short, as a crash leaves it
+    again = subprocess.run([*args, "search.n_trials=5"], capture_output=True, text=True,
+                           check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    warning = [line for line in again.stderr.splitlines() if "was cut off" in line]
+    torn = list(tmp_path.glob("s.journal.torn-*"))
+    assert len(warning) == 1 and len(torn) == 1 and torn[0].read_bytes() in whole
+    assert warning[0].startswith(f"warning: {journal}: its last line was cut off by a crash "
+                                 f"during a write ({len(torn[0].read_bytes())} bytes, moved to "
+                                 f"{torn[0].name}); the study's 2 finished trials")
+    _assert_budget_exact(tmp_path, 5)
+
+    lines = journal.read_bytes().splitlines(keepends=True)
+    lines[7] = lines[7].replace(b",", b";", 1)
+    journal.write_bytes(b"".join(lines))
+    damaged = subprocess.run([*args, "search.n_trials=6"], capture_output=True, text=True,
+                             check=False)
+    assert damaged.returncode == 1
+    assert damaged.stderr.strip().splitlines()[-1].startswith(
+        f"error: search.storage={journal} is damaged at line 8 (")

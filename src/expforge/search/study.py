@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ from expforge.search.settings import SearchSettings
 from expforge.search.space import Param, grid_of
 from expforge.tracking import Store
 
-__all__ = ["keep_purpose", "open_study", "pruner", "purpose_of", "sampler"]
+__all__ = ["journal_damage", "keep_purpose", "open_study", "pruner", "purpose_of", "repair_journal",
+           "sampler"]
 
 
 def open_study(settings: SearchSettings, params: list[Param], index: int, store: Store,
@@ -27,6 +31,8 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
 
     # Failed trials are reported in one line each (see report.report_failure).
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    journal = None if "://" in settings.storage else Path(settings.storage)
+    repaired = repair_journal(journal) if journal is not None and index == 0 else None
     try:
         study = optuna.create_study(
             study_name=settings.study_name,
@@ -38,10 +44,16 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
         )
         keep_purpose(study, settings, purpose_of(settings, params, model))
         existing = len(study.get_trials(deepcopy=False))
+        if repaired:
+            done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+            print(f"warning: {repaired}; the study's {done} finished trials before it are "
+                  "kept", file=sys.stderr)
         if existing:  # a resume: a sampler seeded as before would replay the first trials
             study.sampler = sampler(settings, params, index, offset=existing)
         return study
-    except ValueError as exc:  # directions differ from the stored study
+    except ValueError as exc:  # directions differ, or a damaged journal
+        if journal is not None and (damage := journal_damage(journal)):
+            raise SearchError(damage) from None
         raise SearchError(
             f"search.study_name={settings.study_name}: {exc}; pick another study name"
         ) from None
@@ -124,6 +136,61 @@ def _described(spec: dict[str, Any]) -> str:
     extra = [f"{k}={v}" for k, v in attrs.items()
              if k not in ("low", "high") and (k, v) != ("step", 1)]
     return f"{kind}({', '.join([str(attrs.get('low')), str(attrs.get('high')), *extra])})"
+
+
+def repair_journal(path: Path) -> str | None:
+    """Cut a journal's torn last line (a process killed while appending to it) before
+    anything is appended after it; the cut bytes go to a file beside it. What was done, or
+    None. Under the journal's own lock, so a line another process is writing is never
+    taken for a torn one."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        with path.open("rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            block = 1 << 16
+            tail = b""
+            while size > len(tail):  # back to the last complete line
+                start = max(0, size - len(tail) - block)
+                f.seek(start)
+                tail = f.read(size - len(tail) - start) + tail
+                if b"\n" in tail or start == 0:
+                    break
+            if tail.endswith(b"\n"):
+                return None
+            keep = size - len(tail) + tail.rfind(b"\n") + 1
+            f.seek(keep)
+            torn = f.read()
+            aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+            aside.write_bytes(torn)
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        lock.release()
+    return (f"{path}: its last line was cut off by a crash during a write ({len(torn)} bytes, "
+            f"moved to {aside.name})")
+
+
+def journal_damage(path: Path) -> str | None:
+    """A line in the middle of a journal that is not a complete record, named with the
+    file and the line, or None."""
+    import json
+
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                json.loads(line)
+            except ValueError as exc:
+                return (f"search.storage={path} is damaged at line {number} ({first_line(exc)})"
+                        f"; the study cannot be read past it: restore the file from a backup, "
+                        f"or keep its first {number - 1} lines (head -n {number - 1}) to keep "
+                        "the trials recorded before it, or start a new search.study_name")
+    return None
 
 
 def _storage(settings: SearchSettings, on_stale: FailedTrialRun) -> Any:
