@@ -20,7 +20,7 @@ from ..conftest import ROOT, free_port, wait_for_http
 PG = "postgresql://postgres@127.0.0.1:5432"
 
 
-def _postgres_reachable() -> bool:
+def postgres_reachable() -> bool:
     try:
         socket.create_connection(("127.0.0.1", 5432), timeout=2).close()
     except OSError:
@@ -28,7 +28,7 @@ def _postgres_reachable() -> bool:
     return True
 
 
-pytestmark = pytest.mark.skipif(not _postgres_reachable(),
+pytestmark = pytest.mark.skipif(not postgres_reachable(),
                                 reason="no PostgreSQL on 127.0.0.1:5432 (trust auth, user "
                                        "postgres) to test scale-out against")
 
@@ -83,11 +83,9 @@ def test_three_workers_one_killed_finish_the_budget(databases, mlflow_server,
         f"paths.outputs={tmp_path}/out",
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    workers = []
-    for i in range(3):
-        workers.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True))
-        time.sleep(1.5 if i == 0 else 0.2)
+    # all three at once, as a scheduler starts them: the first creates the storage's schema
+    workers = [subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True) for _ in range(3)]
 
     import optuna
 
@@ -140,3 +138,37 @@ def test_three_workers_one_killed_finish_the_budget(databases, mlflow_server,
     for t in failed:
         if "mlflow_run_id" in t.user_attrs:
             assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_ten_rounds_of_three_commands_started_together(mlflow_server, tmp_path: Path) -> None:
+    """An array job's tasks start at the same moment: each round opens a new PostgreSQL
+    storage (Optuna creates its schema) and a new experiment on the server (MLflow creates it
+    and the study's parent run), three commands at once. All of them must succeed."""
+    import mlflow
+    import optuna
+
+    client = mlflow.MlflowClient(mlflow_server)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    for round_ in range(10):
+        name = f"expforge_round_{uuid.uuid4().hex[:8]}"
+        _admin(f"CREATE DATABASE {name}")
+        try:
+            args = [sys.executable, str(ROOT / "run.py"), "search=optuna", "model=linear",
+                    "search.study_name=array", f"search.storage={PG}/{name}",
+                    "search.n_trials=3", "search.plots=false", "tracking.log_model=false",
+                    "tracking.writer=inline", "tracking.log_plots=false",
+                    f"tracking.uri={mlflow_server}", f"tracking.experiment={name}",
+                    f"paths.outputs={tmp_path}/out"]
+            commands = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, text=True) for _ in range(3)]
+            for c in commands:
+                _, err = c.communicate(timeout=180)
+                assert c.returncode == 0, f"round {round_}: {err[-2000:]}"
+            study = optuna.load_study(study_name="array", storage=f"{PG}/{name}")
+            assert [t.state.name for t in study.trials].count("COMPLETE") == 3
+            runs = client.search_runs(
+                [client.get_experiment_by_name(name).experiment_id])
+            assert {r.info.status for r in runs} == {"FINISHED"}
+            assert [r.data.tags.get("expforge.role") for r in runs].count("study") == 1
+        finally:
+            _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from expforge import config as config_mod
+from expforge.databases import DatabaseUnusable, schema_lock
 from expforge.errors import ConfigError, ExpforgeError, SearchError, first_line
 from expforge.search.job import PURPOSE_ATTR
 from expforge.search.recovery import FailedTrialRun
@@ -202,15 +203,20 @@ def _storage(settings: SearchSettings, on_stale: FailedTrialRun) -> Any:
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    if url.startswith(("postgresql", "mysql")):
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=settings.heartbeat_interval,
-            grace_period=settings.grace_period,
-            heartbeat_stale_trial_callback=on_stale,
-            engine_kwargs={"pool_pre_ping": True},
-        )
-    return optuna.storages.RDBStorage(url)
+    try:  # the first command on a new database creates Optuna's schema, alone
+        with schema_lock(url, "expforge: optuna schema"):
+            if url.startswith(("postgresql", "mysql")):
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=settings.heartbeat_interval,
+                    grace_period=settings.grace_period,
+                    heartbeat_stale_trial_callback=on_stale,
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+            return optuna.storages.RDBStorage(url)
+    except DatabaseUnusable as exc:
+        raise SearchError(f"search.storage={config_mod.mask_uri(url)} cannot be opened ({exc}); "
+                          "start the database, create it, or fix search.storage") from None
 
 
 def sampler(settings: SearchSettings, params: list[Param], index: int, offset: int = 0) -> Any:

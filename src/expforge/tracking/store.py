@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from expforge.config import mask_uri, slug
+from expforge.databases import DatabaseUnusable, probe, schema_lock
 from expforge.errors import TrackingError, first_line
 
 __all__ = ["WRITERS", "TrackingSettings", "check_reachable", "connect", "load_store_code"]
@@ -68,6 +69,13 @@ def connect(settings: TrackingSettings) -> str:
         _create_sqlite_store(settings)
     mlflow.set_tracking_uri(settings.uri)
     mlflow.set_registry_uri(settings.uri)
+    if urlparse(settings.uri).scheme.split("+", 1)[0] == "postgresql":
+        try:  # the first command on a new database creates MLflow's schema, alone
+            with schema_lock(settings.uri, "expforge: mlflow schema"):
+                return ensure_experiment(settings)
+        except DatabaseUnusable as exc:
+            raise TrackingError(f"tracking.uri={mask_uri(settings.uri)} cannot be opened "
+                                f"({exc})") from None
     return ensure_experiment(settings)
 
 
@@ -126,6 +134,12 @@ def check_reachable(uri: str) -> None:
                 f"tracking.uri={shown}: {blocked[0]} is not writable; fix its permissions or "
                 "point tracking.uri elsewhere"
             )
+    elif scheme == "postgresql":
+        try:
+            probe(uri)
+        except DatabaseUnusable as exc:
+            raise TrackingError(f"tracking.uri={shown} cannot be opened ({exc}); start the "
+                                "database, create it, or fix tracking.uri") from None
     elif scheme in DB_SCHEMES:
         parsed = urlparse(uri)
         host, port = parsed.hostname or "localhost", parsed.port or _default_port(scheme)
