@@ -144,3 +144,30 @@ def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> N
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_two_register_commands_at_once_give_one_version(tmp_path: Path) -> None:
+    """Two `register.py` started together on the same runs (two CI jobs, say) end on one
+    version holding the alias, and both exit 0."""
+    from expforge.config import to_plain
+
+    from .conftest import ROOT, compose
+
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+             f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
+    run_one(to_plain(compose(*store[:2], "model=linear")), log_plots=False)
+    c = client(store[0].split("=", 1)[1])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    for pair in range(6):
+        name = f"race-{pair}"
+        commands = [subprocess.Popen(
+            [sys.executable, str(ROOT / "register.py"), *store, f"register.model_name={name}"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+        for command in commands:
+            out, err = command.communicate(timeout=120)
+            assert command.returncode == 0, err[-2000:]
+            assert "Traceback" not in err
+        versions = c.search_model_versions(f"name = '{name}'")
+        assert [v.version for v in versions] == [
+            c.get_model_version_by_alias(name, "champion").version], pair

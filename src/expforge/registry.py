@@ -333,11 +333,13 @@ def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
         f"{report.considered} candidates: {report.target}."
         + (f" Gate: {'; '.join(report.gate)}." if report.gate else "")
     )
-    version = register_version(client, name, winner.model_uri, winner.run_id, version_tags,
-                               description, alias, current)
-    report.version, report.created = version, True
-    report.note = (f"registered {name} version {version}; {alias} -> v{version}"
-                   + (f", previous -> v{current.version}" if current is not None else ""))
+    version, created = register_version(client, name, winner.model_uri, winner.run_id,
+                                        version_tags, description, alias, current)
+    report.version, report.created = version, created
+    verb = "registered" if created else "kept the existing"
+    report.note = (f"{verb} {name} version {version}; {alias} -> v{version}"
+                   + (f", previous -> v{current.version}"
+                      if current is not None and str(current.version) != version else ""))
 
 
 def register_after(plain: Mapping[str, Any], parent_run_id: str) -> None:

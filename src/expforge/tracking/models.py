@@ -103,11 +103,17 @@ def alias_version(client: Any, name: str, alias: str) -> Any:
 
 def register_version(client: Any, name: str, model_uri: str, run_id: str,
                      tags: Mapping[str, str], description: str, alias: str,
-                     current: Any) -> str:
-    """A new version of ``name`` from ``model_uri``, holding ``alias``; ``current`` (the
-    version that held it) gets ``previous``. Its number. Nothing is left half-registered: a
-    failure removes the new version (and a registered model created for it) and gives the
-    alias back."""
+                     current: Any) -> tuple[str, bool]:
+    """The version of ``name`` for the run ``run_id`` (its model ``model_uri``), holding
+    ``alias``; ``current`` (the version that held it) gets ``previous``. Its number, and
+    whether this call created it.
+
+    One version per run, also when several commands register the same run at the same
+    moment: each creates its version, then all keep the lowest version of the run and the
+    others are deleted, so every command ends on the same version. Nothing is left
+    half-registered: a failure removes the new version (and a registered model created for
+    it) and gives the alias back.
+    """
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -118,27 +124,47 @@ def register_version(client: Any, name: str, model_uri: str, run_id: str,
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(name, description="Registered by expforge.")
-        created_model = True
+        try:
+            client.create_registered_model(name, description="Registered by expforge.")
+            created_model = True
+        except MlflowException as exc:  # another command created it a moment ago
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    existing = _versions_of_run(client, name, run_id)
+    if existing:
+        number, created = existing[0], False
+    else:
+        try:
+            version = client.create_model_version(
+                name, source=model_uri, run_id=run_id, tags=dict(tags),
+                description=description, model_id=model_uri.removeprefix("models:/"),
+            )
+        except BaseException:
+            if created_model and not client.search_model_versions(f"name = '{name}'"):
+                client.delete_registered_model(name)  # no empty registered model either
+            raise
+        number, created = int(version.version), True
+        first = _versions_of_run(client, name, run_id)[0]
+        if first != number:  # another command registered the same run first
+            client.delete_model_version(name, str(number))
+            number, created = first, False
     try:
-        version = client.create_model_version(
-            name, source=model_uri, run_id=run_id, tags=dict(tags), description=description,
-            model_id=model_uri.removeprefix("models:/"),
-        )
-    except BaseException:
-        if created_model:  # no empty registered model left behind either
-            client.delete_registered_model(name)
-        raise
-    try:
-        if current is not None:
+        if current is not None and int(current.version) != number:
             client.set_registered_model_alias(name, "previous", current.version)
-        client.set_registered_model_alias(name, alias, version.version)
+        client.set_registered_model_alias(name, alias, str(number))
     except BaseException:
-        client.delete_model_version(name, version.version)
+        if created:
+            client.delete_model_version(name, str(number))
         if current is not None:
             client.set_registered_model_alias(name, alias, current.version)
         raise
-    return str(version.version)
+    return str(number), created
+
+
+def _versions_of_run(client: Any, name: str, run_id: str) -> list[int]:
+    """The version numbers of ``name`` made from the run ``run_id``, lowest first."""
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return sorted(int(v.version) for v in found)
 
 
 @contextmanager
