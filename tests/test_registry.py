@@ -165,7 +165,7 @@ def test_two_register_commands_at_once_give_one_version(tmp_path: Path) -> None:
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
         for command in commands:
-            out, err = command.communicate(timeout=120)
+            _, err = command.communicate(timeout=120)
             assert command.returncode == 0, err[-2000:]
             assert "Traceback" not in err
         versions = c.search_model_versions(f"name = '{name}'")

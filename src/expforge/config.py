@@ -246,6 +246,8 @@ class TrackingSchema:
     log_plots: bool = field(default=True, metadata={"fix": "give true or false"})
     autolog: bool = field(default=False, metadata={"fix": "give true or false"})
     writer: str = field(default="auto", metadata=_choice("auto", "process", "inline"))
+    retry_s: float = field(default=120, metadata={"fix": "give seconds > 0",
+                                                  "check": lambda v: v > 0})
 
 
 SCHEMAS: dict[str, type] = {"search": SearchSchema, "tracking": TrackingSchema}

@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -33,11 +34,13 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_GATE",
     "EXIT_INTERRUPTED",
+    "STOP_GRACE_S",
     "alive",
     "freeze_at_exit",
     "freeze_loaded",
     "guarded",
     "ignore_interrupts",
+    "interrupted_for",
     "interrupts_deferred",
     "start_up_done",
     "stop",
@@ -48,6 +51,11 @@ EXIT_ERROR = 1
 EXIT_GATE = 2
 EXIT_INTERRUPTED = 130
 
+# After Ctrl-C or SIGTERM, how long a wait for the store may still go on (the writes that
+# end the runs KILLED) before the command stops without them.
+STOP_GRACE_S = 10.0
+_interrupted_at: float | None = None
+
 T = TypeVar("T")
 
 
@@ -55,15 +63,25 @@ def guarded(action: Callable[[], T], label: str = "") -> T:
     """Run ``action`` under expforge's error and signal policy: an ``ExpforgeError`` is one
     line on stderr and exit 1, Ctrl-C or SIGTERM exit 130. ``label`` names a worker process
     in its error lines; only the command itself (no label) says how to resume."""
+    global _interrupted_at
+    _interrupted_at = None
     previous = signal.getsignal(signal.SIGTERM)
     ours = previous in (signal.SIG_DFL, None)
+    ours_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if ours:
         signal.signal(signal.SIGTERM, _raise_interrupt)
+    if ours_int:
+        signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         return action()
     except ExpforgeError as exc:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if interrupted_for() is not None:  # what failed is the end of an interrupted command
+            if not label:
+                print(f"interrupted: {exc}; runs it could not end show RUNNING until the same "
+                      "command runs again, which ends them and resumes", file=sys.stderr)
+            sys.exit(EXIT_INTERRUPTED)
         print(f"error: {label}{exc}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
     except KeyboardInterrupt:
@@ -74,6 +92,14 @@ def guarded(action: Callable[[], T], label: str = "") -> T:
     finally:
         if ours:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if ours_int:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def interrupted_for() -> float | None:
+    """Seconds since Ctrl-C or SIGTERM reached this process (under ``guarded``, or in a
+    worker), None when none did."""
+    return None if _interrupted_at is None else time.monotonic() - _interrupted_at
 
 
 def terminate_as_interrupt() -> None:
@@ -103,7 +129,14 @@ def alive(pid: int) -> bool:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    _note_interrupt()
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _note_interrupt() -> None:
+    global _interrupted_at
+    if _interrupted_at is None:
+        _interrupted_at = time.monotonic()
 
 
 class _Held:
@@ -113,7 +146,10 @@ class _Held:
         self.received: list[int] = []
 
     def __call__(self, signum: int, frame: Any) -> None:
+        _note_interrupt()
         self.received.append(signum)
+        if len(self.received) > 1:  # asked twice: the user will not wait for the write
+            raise KeyboardInterrupt(f"signal {signum}, twice")
 
 
 @contextmanager

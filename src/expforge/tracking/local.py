@@ -7,6 +7,7 @@ same MLflow calls (``tracking.runs``, ``tracking.queries``, ``tracking.models``)
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -34,6 +35,11 @@ class LocalStore(Store):
         self._context: dict[str, str] | None = None
         self._locations: dict[str, str] = {}  # run id -> artifact URI, of runs created here
         self._inputs: dict[tuple[str, str, str], tuple[Any, ...]] = {}  # dataset entities
+        # Set once the store stopped answering for tracking.retry_s: every later request
+        # fails at once with the same line instead of retrying again (a flush of queued
+        # writes would otherwise take retry_s each).
+        self._gone: str | None = None
+        self._retry_s = 120.0
 
     @property
     def client(self) -> Any:
@@ -45,7 +51,9 @@ class LocalStore(Store):
 
     def connect(self, settings: TrackingSettings,
                 meanwhile: Callable[[], None] | None = None) -> str:
-        experiment_id = connect(settings)
+        self._retry_s = settings.retry_s
+        with self._failing("opening the store"):
+            experiment_id = connect(settings)
         if meanwhile is not None:
             meanwhile()
         return experiment_id
@@ -69,7 +77,7 @@ class LocalStore(Store):
         """``create_run``, its id at once (the writer process serves its clients with it)."""
         if self._context is None:
             self._context = context_tags()
-        with interrupts_deferred():
+        with self._failing("creating a run"), interrupts_deferred():
             return runs.create_run(self.client, self._context, experiment_id, run_name, tags,
                                    parent_run_id, start, self._locations)
 
@@ -119,11 +127,43 @@ class LocalStore(Store):
 
     @contextlib.contextmanager
     def _failing(self, what: str) -> Iterator[None]:
-        """MLflow's errors as one line that says what failed."""
+        """MLflow's errors as one line that says what failed; a server that stopped
+        answering as the line that says so, now and for every later request."""
+        if self._gone is not None:
+            raise TrackingError(self._gone)
         try:
             yield
         except ExpforgeError:
             raise
         except Exception as exc:
+            if _unreachable(exc):
+                self._gone = (
+                    f"tracking.uri={mask_uri(self.uri)} stopped answering while {what} "
+                    f"({_reason(exc)}; retried for about tracking.retry_s={self._retry_s:g} s);"
+                    " once it answers again, run the same command again: a study resumes")
+                raise TrackingError(self._gone) from exc
             raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: {what} failed: "
                                 f"{error_line(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """The socket's own words ("Connection refused", "Read timed out") out of MLflow's and
+    urllib3's nested messages."""
+    text = str(exc)
+    found = re.search(r"\[Errno -?\d+\] ([^\"')(]+)", text) or re.search(
+        r"(Read timed out|Connection aborted|Connection reset by peer|timed out)", text)
+    return found.group(1).strip().rstrip(".") if found else error_line(exc)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the tracking server could not be reached (after MLflow's
+    retries), not that it refused the request."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if type(seen).__name__ in ("ConnectionError", "MaxRetryError", "NewConnectionError",
+                                   "ConnectionRefusedError", "ConnectTimeoutError") \
+                or "Max retries exceeded" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -17,7 +17,8 @@ from expforge.config import mask_uri, slug
 from expforge.databases import DatabaseUnusable, probe, schema_lock
 from expforge.errors import TrackingError, first_line
 
-__all__ = ["WRITERS", "TrackingSettings", "check_reachable", "connect", "load_store_code"]
+__all__ = ["WRITERS", "TrackingSettings", "bound_retries", "check_reachable", "connect",
+           "load_store_code"]
 
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # Who writes a search's runs: a process of its own, this process, or the choice of
@@ -38,6 +39,7 @@ class TrackingSettings:
     log_plots: bool = True
     autolog: bool = False
     writer: str = "auto"
+    retry_s: float = 120.0
 
     @classmethod
     def from_config(cls, tracking: Mapping[str, Any]) -> TrackingSettings:
@@ -57,6 +59,7 @@ class TrackingSettings:
             log_plots=bool(tracking.get("log_plots", True)),
             autolog=bool(tracking.get("autolog", False)),
             writer=writer,
+            retry_s=float(tracking.get("retry_s") or 120.0),
         )
 
 
@@ -65,6 +68,8 @@ def connect(settings: TrackingSettings) -> str:
     import mlflow
 
     check_reachable(settings.uri)
+    if urlparse(settings.uri).scheme in ("http", "https"):
+        bound_retries(settings.retry_s)
     if urlparse(settings.uri).scheme == "sqlite":
         _create_sqlite_store(settings)
     mlflow.set_tracking_uri(settings.uri)
@@ -77,6 +82,24 @@ def connect(settings: TrackingSettings) -> str:
             raise TrackingError(f"tracking.uri={mask_uri(settings.uri)} cannot be opened "
                                 f"({exc})") from None
     return ensure_experiment(settings)
+
+
+def bound_retries(retry_s: float) -> None:
+    """MLflow retries a request to a server that stops answering for about ``retry_s``
+    seconds, not its default of about four minutes per request; settings the user made
+    in the environment stay. urllib3's line per retry is not shown."""
+    import logging
+
+    # MLflow's retries sleep 0, 2, 4, 8, ... s (backoff factor 1) plus up to 1 s of jitter
+    # each; it allows at most 10 retries.
+    retries, waited = 0, 0.0
+    while waited < retry_s and retries < 10:
+        retries += 1
+        waited += (2.0 ** (retries - 1) if retries > 1 else 0.0) + 0.5
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(min(120, max(10, retry_s)))))
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def _create_sqlite_store(settings: TrackingSettings) -> None:

@@ -18,11 +18,12 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from expforge.config import mask_uri
 from expforge.errors import TrackingError
-from expforge.process import interrupts_deferred
+from expforge.process import STOP_GRACE_S, interrupted_for, interrupts_deferred
 from expforge.tracking._writer import messages as m
 from expforge.tracking.interface import Store
 from expforge.tracking.records import RunRecord
@@ -138,6 +139,12 @@ class WriterClient(Store):
     def warm_up(self) -> None:
         self._send(m.WarmUp())
 
+    def wait(self, future: Future[Any], what: str = "creating a run") -> Any:
+        while not future.done():
+            wait_futures([future], timeout=0.5)
+            self._check_grace()
+        return super().wait(future, what)
+
     def flush(self) -> None:
         self._send(m.Flush())
         self._end(m.Flushed)
@@ -223,15 +230,33 @@ class WriterClient(Store):
         short (Ctrl-C during a flush) come first; their errors count too."""
         first_error = ""
         while True:
-            reply = self._done.get()
+            try:
+                reply = self._done.get(timeout=0.5)
+            except queue.Empty:
+                self._check_grace()
+                continue
             if reply is None:
                 raise self._ended()
             first_error = first_error or str(reply.error or "")
             if isinstance(reply, expected):
                 break
+        if first_error.startswith("tracking.uri="):  # a whole line: see server._serve
+            raise TrackingError(first_error)
         if first_error:
             raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: writing a run failed: "
                                 f"{first_error}")
+
+    def _check_grace(self) -> None:
+        """Every wait ends: when the writer is gone (the reply thread sees its pipe close),
+        and at most ``STOP_GRACE_S`` after Ctrl-C (a store that does not answer would hold
+        the command for minutes), when client 0 stops the writer without the writes it
+        still holds."""
+        since = interrupted_for()
+        if since is not None and since > STOP_GRACE_S:
+            if self._process is not None:
+                self._process.kill()
+                self._process.join(timeout=5)
+            raise KeyboardInterrupt(f"the run writer did not finish within {STOP_GRACE_S:g} s")
 
     def _receive(self) -> None:
         try:

@@ -106,7 +106,9 @@ def _serve(state: _State, client: int, request: m.Request) -> bool:
         if request.awaits:
             _reply(state, client, m.Value(error=_portable(exc), request=request.request))
         else:
-            state.errors[client] = state.errors[client] or error_line(exc)
+            # ours are whole lines already (LocalStore says what failed)
+            line = str(exc) if isinstance(exc, ExpforgeError) else error_line(exc)
+            state.errors[client] = state.errors[client] or line
     else:
         if request.awaits:
             _reply(state, client, m.Value(request=request.request, value=value))
