@@ -56,7 +56,7 @@ def plain(store: dict[str, str], request: pytest.FixtureRequest) -> Callable[...
 def client(uri: str) -> Any:
     import mlflow
 
-    return mlflow.MlflowClient(uri)
+    return mlflow.MlflowClient(uri, registry_uri=uri)  # not the registry another test set
 
 
 def run_cli(
@@ -81,6 +81,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def mlflow_server(port: int, backend_uri: str, artifacts: Path) -> subprocess.Popen[str]:
+    """A real ``mlflow server`` in its own process group (kill it whole with ``os.killpg``,
+    as a crashed host would be), once it answers. Without the server's job runner (seven
+    processes for GenAI jobs that no test uses)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", backend_uri,
+         "--artifacts-destination", str(artifacts), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    wait_for_http(f"http://127.0.0.1:{port}/health", server)
+    return server
 
 
 def wait_for_http(url: str, server: subprocess.Popen[str], timeout: float = 180) -> None:

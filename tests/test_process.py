@@ -31,6 +31,17 @@ def test_ctrl_c_inside_a_store_write_waits_for_its_end() -> None:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
 
 
+def test_a_second_ctrl_c_does_not_wait_for_the_write() -> None:
+    done = []
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C twice"), interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("held")
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("the write")
+    assert done == ["held"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_a_process_that_ignores_ctrl_c_has_nothing_to_defer() -> None:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

@@ -245,18 +245,39 @@ def _fail(message: str) -> None:
 
 
 def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: str) -> None:
+    """One compose with every override when all is well; the slower diagnosis (a compose
+    without the values, to name the misspelt key and its nearest) only when it is not."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
-    from omegaconf import OmegaConf
     from omegaconf.errors import ValidationError
 
-    from expforge.config import closest_keys, flatten, schema_error
+    from expforge.config import schema_error
 
+    given = [o.input_line for o in keys if o.input_line and not o.is_sweep_override()]
     try:
         with initialize_config_dir(conf_dir, version_base="1.3"):
-            cfg = compose(config_name, overrides=groups)
+            cfg = compose(config_name, overrides=groups + given)
+    except ConfigCompositionException as exc:
+        if isinstance(exc.__cause__, ValidationError) and \
+                "not in struct" not in str(exc.__cause__):
+            # A value the schema refuses (search.n_trials=many): one line, not Hydra's report.
+            key = str(getattr(exc.__cause__, "full_key", "") or "")
+            _fail(str(schema_error(key.split(".", 1)[0], exc)))
+        try:
+            with initialize_config_dir(conf_dir, version_base="1.3"):
+                cfg = compose(config_name, overrides=groups)
+        except Exception:
+            return  # Hydra reports it
     except Exception:
-        return  # e.g. an unknown group option: Hydra lists the available ones
+        return  # Hydra reports it
+    _check_known(keys, cfg)
+
+
+def _check_known(keys: list[Any], cfg: Any) -> None:
+    from omegaconf import OmegaConf
+
+    from expforge.config import closest_keys, flatten
+
     missing = object()
     for o in keys:
         parent, _, leaf = o.key_or_group.rpartition(".")
@@ -267,19 +288,8 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
             near = closest_keys(o.key_or_group, known)
             hint = f"did you mean {near[0]}? " if near else ""
             text = o.input_line or o.key_or_group
-            print(f"error: {text} names {o.key_or_group}, which is not a config key; {hint}"
-                  f"(to add a new key on purpose: +{text})", file=sys.stderr)
-            sys.exit(EXIT_ERROR)
-    # A value the schema refuses (search.n_trials=many): one line instead of Hydra's report.
-    given = [o.input_line for o in keys if o.input_line and not o.is_sweep_override()]
-    try:
-        with initialize_config_dir(conf_dir, version_base="1.3"):
-            compose(config_name, overrides=groups + given)
-    except ConfigCompositionException as exc:
-        if isinstance(exc.__cause__, ValidationError):
-            key = str(getattr(exc.__cause__, "full_key", "") or "")
-            print(f"error: {schema_error(key.split('.', 1)[0], exc)}", file=sys.stderr)
-            sys.exit(EXIT_ERROR)
+            _fail(f"{text} names {o.key_or_group}, which is not a config key; {hint}"
+                  f"(to add a new key on purpose: +{text})")
 
 
 _HELP_FLAGS = ("--help", "-h")

@@ -148,8 +148,8 @@ class _Held:
     def __call__(self, signum: int, frame: Any) -> None:
         _note_interrupt()
         self.received.append(signum)
-        if len(self.received) > 1:  # asked twice: the user will not wait for the write
-            raise KeyboardInterrupt(f"signal {signum}, twice")
+        if signum == signal.SIGINT and self.received.count(signum) > 1:
+            raise KeyboardInterrupt("Ctrl-C twice")  # the user will not wait for the write
 
 
 @contextmanager

@@ -264,19 +264,9 @@ def test_a_journal_cut_by_a_crash_keeps_its_finished_trials(tmp_path: Path) -> N
 
 
 def _server(port: int, backend: Path, artifacts: Path) -> subprocess.Popen[str]:
-    import sys
+    from ..conftest import mlflow_server
 
-    from ..conftest import wait_for_http
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{backend}",
-         "--artifacts-destination", str(artifacts), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)  # its own group: killed whole, as a crashed host is
-    wait_for_http(f"http://127.0.0.1:{port}/health", server)
-    return server
+    return mlflow_server(port, f"sqlite:///{backend}", artifacts)
 
 
 def _kill(server: subprocess.Popen[str]) -> None:
@@ -298,56 +288,55 @@ def _after_trials(proc: subprocess.Popen[str], journal: Path, n: int) -> None:
 
 
 def test_a_tracking_server_that_dies_mid_study(tmp_path: Path) -> None:
-    """Killed after three trials: Ctrl-C (here SIGTERM) stops the command within seconds,
-    and without it the command gives up after tracking.retry_s with one line; once the
-    server is back, the same command completes the study and ends every run."""
+    """Killed while two studies run on it: one gives up after tracking.retry_s with one
+    line; the other, interrupted (SIGTERM, as Ctrl-C), stops within seconds, not after its
+    120 s. Once the server is back, the same command completes the study and ends every
+    run."""
     from ..conftest import client, free_port
 
     port = free_port()
     backend, artifacts = tmp_path / "server.db", tmp_path / "server-artifacts"
     uri = f"http://127.0.0.1:{port}"
-    args = [a for a in _cli(tmp_path, "model=rf", "search.plots=false", "search.n_trials=12",
-                            "model.n_estimators=300", "search_space.model.n_estimators.low=300")
-            if not a.startswith("tracking.uri")] + [f"tracking.uri={uri}"]
-    journal = tmp_path / "s.journal"
 
-    server = _server(port, backend, artifacts)
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _after_trials(proc, journal, 3)
-    _kill(server)
-    time.sleep(1.0)
-    stopped = time.monotonic()
-    proc.send_signal(signal.SIGTERM)  # Ctrl-C, as a scheduler sends it
-    _, err = proc.communicate(timeout=60)
-    assert time.monotonic() - stopped < 20  # not the 120 s of tracking.retry_s
-    assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+    def command(name: str, *extra: str) -> list[str]:
+        args = _cli(tmp_path / name, "model=rf", "search.plots=false", "search.n_trials=12",
+                    "model.n_estimators=300", "search_space.model.n_estimators.low=300",
+                    f"tracking.experiment={name}", *extra)
+        return [a for a in args if not a.startswith("tracking.uri")] + [f"tracking.uri={uri}"]
 
+    gives_up, interrupted = command("gives-up", "tracking.retry_s=3"), command("interrupted")
     server = _server(port, backend, artifacts)
-    proc = subprocess.Popen([*args, "tracking.retry_s=3"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    _after_trials(proc, journal, 5)
+    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True) for args in (gives_up, interrupted)]
+    for proc, name in zip(procs, ("gives-up", "interrupted"), strict=True):
+        _after_trials(proc, tmp_path / name / "s.journal", 2)
     _kill(server)
     died = time.monotonic()
-    _, err = proc.communicate(timeout=120)
+    time.sleep(1.0)
+    procs[1].send_signal(signal.SIGTERM)  # Ctrl-C, as a scheduler sends it
+    _, err = procs[1].communicate(timeout=60)
+    assert time.monotonic() - died < 20  # not the 120 s of tracking.retry_s
+    assert procs[1].returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: ")
+    _, err = procs[0].communicate(timeout=120)
     assert time.monotonic() - died < 30
-    assert proc.returncode == 1
-    assert err.strip().splitlines()[-1].startswith(f"error: tracking.uri={uri} stopped answering "
-                                                   "while ")
-    assert err.strip().splitlines()[-1].endswith(
-        "retried for about tracking.retry_s=3 s); once it answers again, run the same command "
-        "again: a study resumes")
+    assert procs[0].returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: tracking.uri={uri} stopped answering while "), last
+    assert last.endswith("retried for about tracking.retry_s=3 s); once it answers again, run "
+                         "the same command again: a study resumes"), last
     assert "Retrying" not in err and "Traceback" not in err
 
     server = _server(port, backend, artifacts)
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(gives_up, capture_output=True, text=True, timeout=300,
+                              check=False)
         assert done.returncode == 0, done.stderr[-2000:]
-        study = load(journal, "cli")
+        study = load(tmp_path / "gives-up" / "s.journal", "cli")
         assert [t.state.name for t in study.trials].count("COMPLETE") == 12
         assert "RUNNING" not in {t.state.name for t in study.trials}
         c = client(uri)
-        runs = c.search_runs([c.get_experiment_by_name("expforge").experiment_id],
+        runs = c.search_runs([c.get_experiment_by_name("gives-up").experiment_id],
                              max_results=1000)
         assert len(runs) > 12 and "RUNNING" not in {r.info.status for r in runs}
     finally:

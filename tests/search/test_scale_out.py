@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT, free_port, wait_for_http
+from ..conftest import ROOT, free_port
+from ..conftest import mlflow_server as start_mlflow_server
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 
@@ -54,19 +55,11 @@ def databases() -> Iterator[dict[str, str]]:
 @pytest.fixture()
 def mlflow_server(databases: dict[str, str], tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", databases["mlflow"],
-         "--artifacts-destination", str(tmp_path / "shared-artifacts"), "--workers", "1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(port, databases["mlflow"], tmp_path / "shared-artifacts")
     try:
-        wait_for_http(f"{url}/health", server)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
 
 
