@@ -48,3 +48,20 @@ def test_reproduce_gives_identical_metrics_then_warns_when_data_changed(tmp_path
     changed = reproduce_run(original.info.run_id, current)
     assert any(w.startswith("dataset digest differs") for w in changed.warnings)
     assert changed.result.metrics["val_rmse"] != original.data.metrics["val_rmse"]
+
+
+def test_reproducing_a_study_parent_is_refused_with_its_best_trial(tmp_path: Path) -> None:
+    study = ["search=optuna", "model=linear", "search.n_trials=2", "search.plots=false",
+             f"search.storage={tmp_path}/s.journal"]
+    assert run_cli(*study, *_store(tmp_path)).returncode == 0
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = c.get_experiment_by_name("expforge").experiment_id
+    (parent,) = c.search_runs([exp_id], "tags.`expforge.role` = 'study'")
+    best = parent.data.tags["best_run_id"]
+    done = run_cli(f"reproduce={parent.info.run_id}", *_store(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: reproduce={parent.info.run_id} is the parent run of a study, not a run that "
+        f"trained a model; give reproduce=<a child run id> (the best: reproduce={best}), or "
+        "run the study's command again to repeat it"]
+    assert len(c.search_runs([exp_id])) == 3  # nothing trained
