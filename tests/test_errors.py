@@ -87,6 +87,9 @@ CASES = {
                   "config; did you mean model.max_depth?"),
     "low-above-high": (["search=optuna", "search_space.model.max_depth.low=30"],
                        "error: search_space.model.max_depth: low=30 > high=20; swap them"),
+    "unlogged-search-metric": (["search=optuna", "search.metrics=[val_nope]"],
+                               "error: search.metrics lists val_nope, which a regression run "
+                               "does not log; choose from: fit_time_s,"),
     "unknown-sampler": (["search=optuna", "search.sampler._target_=optuna.samplers.Nope"],
                         "error: search.sampler._target_=optuna.samplers.Nope cannot be built"),
     "blocked-target": (["model.regressor._target_=os.system"],

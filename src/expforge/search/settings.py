@@ -10,7 +10,7 @@ from typing import Any
 
 from expforge import config as config_mod
 from expforge.errors import ConfigError
-from expforge.metrics import check_direction, direction_of
+from expforge.metrics import check_direction, direction_of, metric_names
 from expforge.runner import Objective, objective_of
 
 __all__ = ["SearchSettings", "settings_of"]
@@ -106,4 +106,9 @@ def _objectives(s: Mapping[str, Any], plain: Mapping[str, Any], task: str,
         )
     for d in directions:
         check_direction("search.directions", d)
+    known = metric_names(task)
+    for m in metrics:  # a metric the runs never log would fail every trial
+        if m not in known:
+            raise ConfigError(f"search.metrics lists {m}, which a {task} run does not log; "
+                              f"choose from: {', '.join(sorted(known))}")
     return tuple(Objective(str(m), str(d)) for m, d in zip(metrics, directions, strict=True))
