@@ -43,7 +43,7 @@ from expforge.tracking import (
 
 __all__ = [
     "Objective", "RunContext", "RunResult", "attach_figures", "attach_model", "config_texts",
-    "fit", "fitted_model", "objective_of", "record_of", "run_one",
+    "fit", "fitted_model", "objective_of", "provenance_tags", "record_of", "run_one",
 ]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
@@ -169,15 +169,23 @@ def _tags(plain: Mapping[str, Any], context: RunContext, dataset: Dataset,
           extra: Mapping[str, str] | None) -> dict[str, str]:
     return {
         **{k: str(v) for k, v in context.choices.items() if k in ("model", "data", "search")},
+        **provenance_tags(plain, dataset),
+        "objective.metric": objective.metric,
+        "objective.direction": objective.direction,
+        **config_mod.mask_secrets(settings.tags),
+        **(extra or {}),
+    }
+
+
+def provenance_tags(plain: Mapping[str, Any], dataset: Dataset) -> dict[str, str]:
+    """Where a run's result comes from: its config, data, git commit and package versions
+    (on every run, parents of studies included)."""
+    return {
         "config_hash": config_mod.config_hash(plain),
         "dataset_digest": dataset.digest,
         "task": dataset.task,
-        "objective.metric": objective.metric,
-        "objective.direction": objective.direction,
         **git_info(str(plain["paths"]["root"])),
         **{f"versions.{k}": v for k, v in versions().items()},
-        **config_mod.mask_secrets(settings.tags),
-        **(extra or {}),
     }
 
 

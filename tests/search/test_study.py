@@ -47,6 +47,14 @@ def test_study_layout_parent_children_best_model(plain, store, tmp_path: Path) -
     assert parent.data.tags["best_trial"] == str(study.best_trial.number)
     assert parent.data.metrics["best_val_rmse"] == pytest.approx(best)
     assert parent.data.params["search.n_trials"] == "5"
+    # the MLflow UI opens the experiment on its training runs; the parent says where the
+    # study comes from as any run does
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for tag in ("mlflow.user", "mlflow.source.name", "mlflow.source.git.commit",
+                "dataset_digest", "versions.mlflow"):
+        assert parent.data.tags.get(tag), tag
+    assert sorted(d.dataset.digest for d in parent.inputs.dataset_inputs) == [
+        f"{parent.data.tags['dataset_digest']}-{split}" for split in ("test", "train", "val")]
     paths = {a.path for a in c.list_artifacts(parent_id)} | {
         a.path for a in c.list_artifacts(parent_id, "plots")}
     assert {"top_trials.csv", "config.yaml", "plots/optimization_history.png",

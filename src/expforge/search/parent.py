@@ -14,13 +14,14 @@ from expforge.runner import (
     config_texts,
     fitted_model,
     model_figures,
+    provenance_tags,
 )
 from expforge.search.budget import counts
 from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
 from expforge.search.recovery import reap_orphans
 from expforge.search.report import print_report, top_trials
 from expforge.search.trial import TrialObjective
-from expforge.tracking import RunRecord
+from expforge.tracking import RunRecord, describe_dataset
 
 __all__ = ["best_after_each_trial", "finish", "open_parent_run"]
 
@@ -37,6 +38,7 @@ def open_parent_run(job: Job, study: Any) -> tuple[str, bool]:
         "objective.direction": settings.objective.direction,
         **({"mlflow.parentRunId": job.sweep_parent_run_id} if job.sweep_parent_run_id else {}),
         **{k: v for k, v in job.context.choices.items() if k in ("model", "data", "search")},
+        **provenance_tags(job.plain, job.dataset),
         **job.tracking.tags,
     }
     known = study.user_attrs.get(PARENT_ATTR)
@@ -48,7 +50,8 @@ def open_parent_run(job: Job, study: Any) -> tuple[str, bool]:
         masked = config_mod.mask_secrets(dict(job.plain))
         job.store.write(RunRecord(run_id, status=None,
                                   params=config_mod.param_values(masked, exclude=("hydra",)),
-                                  texts=config_texts(masked, job.context)))
+                                  texts=config_texts(masked, job.context),
+                                  dataset=describe_dataset(job.dataset)))
     return run_id, resumed
 
 

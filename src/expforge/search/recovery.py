@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 from expforge.process import alive
@@ -17,7 +18,8 @@ from expforge.runner import RunContext, record_of
 from expforge.search.job import HOST_ATTR, METRICS_ATTR, PID_ATTR, RUN_ATTR, Job
 from expforge.tracking import RunRecord, Store
 
-__all__ = ["FailedTrialRun", "end_trial_run", "reap_orphans", "recover_stale"]
+__all__ = ["FailedTrialRun", "end_trial_run", "heartbeats_used", "reap_orphans",
+           "recover_stale"]
 
 
 def reap_orphans(study: Any, job: Job, pid: int | None = None, rewrite: bool = True) -> None:
@@ -40,8 +42,22 @@ def recover_stale(study: Any, job: Job) -> None:
     """Trials whose heartbeat stopped (RDB storage) or whose process of this host died."""
     import optuna
 
-    optuna.storages.fail_stale_trials(study)
+    with heartbeats_used():
+        optuna.storages.fail_stale_trials(study)
     reap_orphans(study, job)
+
+
+@contextlib.contextmanager
+def heartbeats_used() -> Iterator[None]:
+    """Optuna's heartbeats, without its warning that they are experimental (printed on every
+    start of every worker): they are what fails the trials of a vanished machine."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ExperimentalWarning)
+        yield
 
 
 def end_trial_run(store: Store, experiment_id: str, study: Any, trial: Any,

@@ -13,7 +13,7 @@ from expforge import config as config_mod
 from expforge.databases import DatabaseUnusable, schema_lock
 from expforge.errors import ConfigError, ExpforgeError, SearchError, first_line
 from expforge.search.job import PURPOSE_ATTR
-from expforge.search.recovery import FailedTrialRun
+from expforge.search.recovery import FailedTrialRun, heartbeats_used
 from expforge.search.settings import SearchSettings
 from expforge.search.space import Param, grid_of
 from expforge.tracking import Store
@@ -206,13 +206,14 @@ def _storage(settings: SearchSettings, on_stale: FailedTrialRun) -> Any:
     try:  # the first command on a new database creates Optuna's schema, alone
         with schema_lock(url, "expforge: optuna schema"):
             if url.startswith(("postgresql", "mysql")):
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=settings.heartbeat_interval,
-                    grace_period=settings.grace_period,
-                    heartbeat_stale_trial_callback=on_stale,
-                    engine_kwargs={"pool_pre_ping": True},
-                )
+                with heartbeats_used():
+                    return optuna.storages.RDBStorage(
+                        url,
+                        heartbeat_interval=settings.heartbeat_interval,
+                        grace_period=settings.grace_period,
+                        heartbeat_stale_trial_callback=on_stale,
+                        engine_kwargs={"pool_pre_ping": True},
+                    )
             return optuna.storages.RDBStorage(url)
     except DatabaseUnusable as exc:
         raise SearchError(f"search.storage={config_mod.mask_uri(url)} cannot be opened ({exc}); "

@@ -103,8 +103,11 @@ class LocalStore(Store):
 
     def open_parent_run(self, experiment_id: str, existing: str | None, name: str,
                         tags: Mapping[str, str]) -> tuple[str, bool]:
+        if self._context is None:
+            self._context = context_tags()
         with self._failing("opening the parent run"), interrupts_deferred():
-            return runs.open_parent_run(self.client, experiment_id, existing, name, tags)
+            return runs.open_parent_run(self.client, experiment_id, existing, name,
+                                        {**self._context, **tags})
 
     def running_trial_runs(self, experiment_id: str, study_name: str) -> dict[str, str]:
         with self._failing("finding the study's runs"):

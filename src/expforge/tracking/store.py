@@ -21,6 +21,9 @@ __all__ = ["WRITERS", "TrackingSettings", "bound_retries", "check_reachable", "c
            "load_store_code"]
 
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# The MLflow UI opens an experiment in its GenAI view unless it is tagged as classical
+# training (the value its code reads for "Model training").
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # Who writes a search's runs: a process of its own, this process, or the choice of
 # ``open_store`` (see docs/design.md).
 WRITERS = ("auto", "process", "inline")
@@ -87,7 +90,8 @@ def connect(settings: TrackingSettings) -> str:
 def bound_retries(retry_s: float) -> None:
     """MLflow retries a request to a server that stops answering for about ``retry_s``
     seconds, not its default of about four minutes per request; settings the user made
-    in the environment stay. urllib3's line per retry is not shown."""
+    in the environment stay. urllib3's line per retry and MLflow's link per run are not
+    shown."""
     import logging
 
     # MLflow's retries sleep 0, 2, 4, 8, ... s (backoff factor 1) plus up to 1 s of jitter
@@ -100,6 +104,9 @@ def bound_retries(retry_s: float) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(min(120, max(10, retry_s)))))
     logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    # MLflow prints "View run ... / View experiment ..." for every run it ends on a server,
+    # after expforge's own summary, which names the UI once.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def _create_sqlite_store(settings: TrackingSettings) -> None:
@@ -204,13 +211,16 @@ def ensure_experiment(settings: TrackingSettings) -> str:
         if existing is not None:
             if existing.lifecycle_stage == "deleted":
                 client.restore_experiment(existing.experiment_id)
+            if existing.tags.get(KIND_TAG) is None:  # made by an older expforge, or by hand
+                client.set_experiment_tag(existing.experiment_id, KIND_TAG, TRAINING_KIND)
             return str(existing.experiment_id)
         location = None
         scheme = urlparse(settings.uri).scheme.split("+", 1)[0]
         if settings.artifact_root and scheme in DB_SCHEMES:
             location = Path(settings.artifact_root, slug(settings.experiment)).resolve().as_uri()
         try:
-            return str(client.create_experiment(settings.experiment, artifact_location=location))
+            return str(client.create_experiment(settings.experiment, artifact_location=location,
+                                                tags={KIND_TAG: TRAINING_KIND}))
         except MlflowException as exc:  # another process created it first
             found = client.get_experiment_by_name(settings.experiment)
             if found is None:
