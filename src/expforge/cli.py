@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from expforge.errors import first_line
+from expforge.errors import ConfigError, first_line
 from expforge.process import EXIT_ERROR, EXIT_GATE, guarded
 
 if TYPE_CHECKING:  # --help and the pre-checks must not pay for pandas and scikit-learn
     from expforge.runner import RunContext
 
-__all__ = ["app_help", "hydra_context", "precheck", "register_job", "run_job"]
+__all__ = ["app_help", "check_overrides", "hydra_context", "precheck", "register_job",
+           "run_job"]
 
 
 def hydra_context() -> RunContext:
@@ -124,11 +125,20 @@ def precheck(argv: list[str], root: Path, config_name: str) -> None:
     """
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --help, --cfg, --info, ...: Hydra's own business
+    try:
+        check_overrides([a for a in argv if not a.startswith("-")], root, config_name)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+def check_overrides(argv: list[str], root: Path, config_name: str) -> None:
+    """The pre-check's checks of Hydra overrides (``precheck``); a ``ConfigError`` with the
+    one line. The Python API runs them too."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
-        overrides = OverridesParser.create().parse_overrides(
-            [a for a in argv if not a.startswith("-")])
+        overrides = OverridesParser.create().parse_overrides(argv)
     except Exception:
         return  # a syntax error: Hydra reports it
     given = {o.key_or_group: o.value() for o in overrides}
@@ -158,10 +168,9 @@ def _check_writable(given: dict[str, Any], root: Path) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not os.access(folder, os.W_OK):
-        print(f"error: paths.outputs={outputs} cannot be created ({folder} is not writable); "
-              "fix the permissions of the project directory or set paths.outputs=<writable "
-              "folder> (and tracking.uri)", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        _fail(f"paths.outputs={outputs} cannot be created ({folder} is not writable); fix the "
+              "permissions of the project directory or set paths.outputs=<writable folder> "
+              "(and tracking.uri)")
 
 
 def _group_options(conf: Path) -> dict[str, set[str]]:
@@ -240,8 +249,7 @@ def _check_yaml(file: Path, conf: Path) -> None:
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_ERROR)
+    raise ConfigError(message)
 
 
 def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: str) -> None:

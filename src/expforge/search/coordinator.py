@@ -43,6 +43,7 @@ class SearchResult:
     parent_run_id: str
     best_value: float | None
     study_name: str
+    storage: str = ""  # the study's Optuna storage: a journal file's path or a URL
 
 
 def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
@@ -132,4 +133,4 @@ def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
             for w in workers:
                 w.channel.send(None)
         stop_workers(workers)
-    return SearchResult(job.parent_run_id, best, settings.study_name)
+    return SearchResult(job.parent_run_id, best, settings.study_name, settings.storage)

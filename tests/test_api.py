@@ -1,0 +1,64 @@
+"""The Python API, called in-process as a notebook calls it: twice in one process, with the
+caller's working directory, garbage collector and signal handlers left alone."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+import expforge
+from expforge.errors import ConfigError, DataError
+
+
+def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+             f"tracking.artifact_root={tmp_path}/art", "tracking.log_plots=false"]
+    cwd, gc_on = os.getcwd(), gc.isenabled()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    first = expforge.run([*store, "model=linear"])
+    again = expforge.run([*store, "model=linear"])  # a notebook cell run twice
+    assert first.run_id != again.run_id
+    assert first.metrics["val_rmse"] == again.metrics["val_rmse"]  # same seed, same run
+    assert first.objective.metric == "val_rmse" and first.model_uri.startswith("models:/")
+
+    study = expforge.search([*store, "model=rf", "model.n_estimators=5", "search.n_trials=3",
+                             "search.plots=false", f"search.storage={tmp_path}/s.journal"])
+    assert len(study.study.trials) == 3 and study.best_value == study.study.best_value
+    assert set(study.best_params) == {"model.n_estimators", "model.max_depth",
+                                      "model.min_samples_leaf", "model.max_features"}
+
+    report = expforge.register([*store, "register.model_name=from-python"])
+    assert report.passed and report.version == "1"
+
+    table = expforge.runs(tracking_uri=store[0].split("=", 1)[1],
+                          parent_run_id=study.parent_run_id)
+    assert len(table) == 3 and set(table["status"]) == {"FINISHED"}
+    assert table["param.model.max_depth"].dtype.kind == "i"  # typed, not strings
+    assert {"metric.val_rmse", "tag.optuna.trial_number"} <= set(table.columns)
+    everything = expforge.runs(tracking_uri=store[0].split("=", 1)[1],
+                               filter="tags.`expforge.role` = 'trial'")
+    assert len(everything) == 3
+
+    assert os.getcwd() == cwd and gc.isenabled() == gc_on
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+
+
+def test_mistakes_raise_the_commands_one_line(tmp_path: Path) -> None:
+    store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
+    with pytest.raises(ConfigError, match=r"^model.max_dept=3 names model.max_dept, which is "
+                                          r"not a config key; did you mean model.max_depth\?"):
+        expforge.run([*store, "model.max_dept=3"])
+    with pytest.raises(ConfigError, match=r"^experiment=nope is not an option of the experiment "
+                                          r"group"):
+        expforge.run([*store, "experiment=nope"])
+    with pytest.raises(DataError, match=r"^data\.path=nope\.csv does not exist"):
+        expforge.run([*store, "data=tabular", "data.path=nope.csv", "data.target=y"])
+    with pytest.raises(ConfigError, match=r"expforge\.search"):
+        expforge.run([*store, "search=optuna"])
+    with pytest.raises(ConfigError, match=r"has no config\.yaml"):
+        expforge.run(config_dir=tmp_path)
