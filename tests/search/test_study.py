@@ -429,3 +429,26 @@ def test_a_study_in_a_sweep_hangs_under_the_sweep_parent(plain, store, tmp_path:
     # trials through the study
     report = register_best({"model_name": "in-sweep-m"}, cfg["tracking"])
     assert sweep in report.target and report.winner is not None
+
+
+def test_the_console_fits_80_columns_without_a_terminal(tmp_path: Path) -> None:
+    """A CI log: COLUMNS=80, output piped. The top-trials table shows whole values (4
+    significant digits, run ids of 8 characters) in the columns that fit; nothing else but
+    expforge's own lines."""
+    done = subprocess.run(
+        _cli(tmp_path, "model=xgb", "search.n_trials=2", "search.plots=false",
+             "model.n_estimators=20", "~search_space.model.n_estimators"),
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("top trials of cli"))
+    table = lines[start + 1:start + 7]
+    assert all(len(line) <= 80 for line in table) and "…" not in done.stdout
+    header = [c.strip() for c in table[1].split("┃")[1:-1]]
+    assert header[:3] == ["trial", "run_id", "val_rmse"] and "." not in header[3]
+    row = [c.strip() for c in table[3].split("│")[1:-1]]
+    assert len(row[1]) == 8 and len(row[2].replace(".", "")) <= 4
+    assert lines[start + 7].startswith("(+") and "top_trials.csv" in lines[start + 7]
+    assert lines[-1].startswith("study cli: 2 complete") and len(lines[-1].split()[-1]) == 32
+    assert "View run" not in done.stdout and "Warning" not in done.stderr

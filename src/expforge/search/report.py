@@ -49,16 +49,61 @@ def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: 
 
     console = Console()
     if table is not None:
+        headers, cells = _readable(table)
+        keep, hidden = _fitting(headers, cells, console.width)
         shown = Table(title=f"top trials of {settings.study_name}", title_justify="left")
-        for col in table.columns:  # model.max_depth -> max_depth keeps the table narrow
-            shown.add_column(str(col).rsplit(".", 1)[-1], justify="right")
-        for _, row in table.iterrows():
-            shown.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v)[:8] for v in row))
+        for i in keep:
+            shown.add_column(headers[i], justify="right", no_wrap=True)
+        for row in cells:
+            shown.add_row(*(row[i] for i in keep))
         console.print(shown)
+        if hidden:
+            console.print(f"(+{hidden} more columns in top_trials.csv on the parent run)")
     console.print(
         f"study {settings.study_name}: {done.complete} complete, {done.pruned} pruned, "
-        f"{done.failed} failed of {settings.n_trials}; parent run {parent_id}"
+        f"{done.failed} failed of {settings.n_trials}; parent run {parent_id}",
+        soft_wrap=True,  # a run id cut in two cannot be copied
     )
+
+
+def _readable(table: Any) -> tuple[list[str], list[list[str]]]:
+    """Headers (each param by the shortest end of its key that no other column shares:
+    ``max_depth``, or ``regressor.alpha`` beside ``data.alpha``) and cells (numbers to 4
+    significant digits, run ids to 8 characters)."""
+    keys = [str(c) for c in table.columns]
+    headers = []
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            end = ".".join(parts[-n:])
+            if sum(1 for k in keys if k == end or k.endswith(f".{end}")) == 1:
+                break
+        headers.append(end)
+    cells = [[_cell(key, v) for key, v in zip(keys, row, strict=True)]
+             for row in table.itertuples(index=False)]
+    return headers, cells
+
+
+def _cell(key: str, value: Any) -> str:
+    if key == "run_id":
+        return str(value)[:8]
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _fitting(headers: list[str], cells: list[list[str]], width: int) -> tuple[list[int], int]:
+    """The columns that fit ``width`` whole, in order (trial, run id and the objectives
+    first); how many are left out."""
+    used = 1  # the table's left border
+    keep: list[int] = []
+    for i, header in enumerate(headers):
+        column = max([len(header), *(len(row[i]) for row in cells)]) + 3  # padding, border
+        if used + column > width and keep:
+            return keep, len(headers) - len(keep)
+        keep.append(i)
+        used += column
+    return keep, 0
 
 
 class Progress:
