@@ -452,3 +452,34 @@ def test_the_console_fits_80_columns_without_a_terminal(tmp_path: Path) -> None:
     assert lines[start + 7].startswith("(+") and "top_trials.csv" in lines[start + 7]
     assert lines[-1].startswith("study cli: 2 complete") and len(lines[-1].split()[-1]) == 32
     assert "View run" not in done.stdout and "Warning" not in done.stderr
+
+
+def test_fixed_values_of_a_ported_sweeper_config_reach_every_trial(tmp_path: Path) -> None:
+    """hydra-optuna-sweeper's ``params:`` may fix values: a config key, and a config group's
+    choice. Every trial gets them, and records them as its params."""
+    import shutil
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(ROOT / "run.py", project / "run.py")
+    shutil.copytree(ROOT / "conf", project / "conf")
+    (project / "conf" / "experiment" / "ported.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - override /search: optuna\n"
+        "search:\n  n_trials: 2\n  plots: false\n"
+        "search_space:\n"
+        "  model: linear\n"                        # a group choice: rf is the default
+        "  data.split.val: 0.25\n"                 # a plain value
+        "  model.regressor.alpha: tag(log, interval(0.1, 10.0))\n")
+    done = subprocess.run([sys.executable, str(project / "run.py"), "experiment=ported"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    c = client(f"sqlite:///{project}/mlflow.db")
+    exp_id = c.get_experiment_by_name("expforge").experiment_id
+    trials = c.search_runs([exp_id], "tags.`expforge.role` = 'trial'")
+    assert len(trials) == 2
+    for run in trials:
+        assert run.data.tags["model"] == "linear"
+        assert run.data.params["model.name"] == "linear"
+        assert run.data.params["data.split.val"] == "0.25"
+        assert 0.1 <= float(run.data.params["model.regressor.alpha"]) <= 10.0

@@ -24,6 +24,7 @@ from expforge import config as config_mod
 from expforge.data import load_data
 from expforge.process import interrupts_deferred, start_up_done
 from expforge.runner import RunContext
+from expforge.search.fixed import with_fixed
 from expforge.search.job import Job
 from expforge.search.loop import optimize
 from expforge.search.parent import finish, open_parent_run
@@ -51,6 +52,7 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
     """Run the study to its budget. In a multirun sweep the study's parent run hangs under
     the sweep's parent run."""
     context = context or RunContext()
+    plain, context = with_fixed(plain, context)  # a sweeper's fixed values in the space
     tracking = TrackingSettings.from_config(plain["tracking"])
     n_workers = int(config_mod.checked("search", plain["search"])["n_workers"])
     # Where MLflow is loaded already (inside a multirun), this process may hold pooled

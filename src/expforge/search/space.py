@@ -30,10 +30,11 @@ from typing import Any
 from expforge.config import closest_keys, flatten
 from expforge.errors import SearchError, first_line
 
-__all__ = ["Param", "apply_params", "parse_space", "space_size", "suggest"]
+__all__ = ["MISSING", "Param", "apply_params", "fixed_values", "lookup", "parse_space",
+           "space_size", "suggest"]
 
 _TYPES = ("int", "float", "categorical")
-_MISSING = object()
+MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,12 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> l
         )
     known = flatten(config)
     params = []
+    fixed = fixed_values(space)
     for key, spec in _leaves(space).items():
+        if key in fixed:
+            continue  # applied to the study's config (search.fixed), not searched
         where = f"search_space.{key}"
-        if _lookup(config, key) is _MISSING:
+        if lookup(config, key) is MISSING:
             near = closest_keys(key, known)
             hint = f"; did you mean {near[0]}?" if near else "; use a dotted key of the config"
             raise SearchError(f"{where}: {key} is not a key of the config{hint}")
@@ -64,7 +68,7 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> l
         if isinstance(spec, Mapping):
             when = dict(spec.get("when") or {})
             for cond in when:
-                if cond != "task" and _lookup(config, str(cond)) is _MISSING:
+                if cond != "task" and lookup(config, str(cond)) is MISSING:
                     raise SearchError(
                         f"{where}.when: {cond} is not a key of the config; conditions name "
                         "config keys (or task)"
@@ -75,7 +79,35 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> l
         else:
             dist = _grammar(where, spec)
         params.append(Param(key, dist, when))
+    if not params:
+        raise SearchError(
+            f"search_space has nothing to search, only fixed values ({', '.join(fixed)}); add "
+            "a distribution, e.g. search_space.model.max_depth='int(interval(2, 12))'")
     return params
+
+
+def fixed_values(space: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The leaves of ``space`` that are plain values, not distributions: as in
+    hydra-optuna-sweeper's ``params:``, every trial gets them (``data.batch_size: 64``, or a
+    config group's choice, ``model: xgb``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Sweep
+    from hydra.errors import HydraException
+
+    fixed: dict[str, Any] = {}
+    for key, spec in _leaves(space or {}).items():
+        if isinstance(spec, (Mapping, list, tuple)):
+            continue
+        if not isinstance(spec, str):
+            fixed[key] = spec
+            continue
+        try:
+            value = OverridesParser.create().parse_override(f"x={spec}").value()
+        except HydraException:
+            continue  # reported by parse_space
+        if not isinstance(value, Sweep):
+            fixed[key] = value
+    return fixed
 
 
 def _leaves(space: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -245,11 +277,11 @@ def _check_bounds(where: str, low: Any, high: Any, log: bool, step: Any) -> None
         raise SearchError(f"{where}: log=true cannot take step={step}; drop one of them")
 
 
-def _lookup(config: Mapping[str, Any], key: str) -> Any:
+def lookup(config: Mapping[str, Any], key: str) -> Any:
     node: Any = config
     for part in key.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return _MISSING
+            return MISSING
         node = node[part]
     return node
 
@@ -257,7 +289,7 @@ def _lookup(config: Mapping[str, Any], key: str) -> Any:
 def _holds(when: Mapping[str, Any], chosen: Mapping[str, Any], config: Mapping[str, Any],
            task: str) -> bool:
     for key, wanted in when.items():
-        current = task if key == "task" else chosen.get(key, _lookup(config, key))
+        current = task if key == "task" else chosen.get(key, lookup(config, key))
         allowed = wanted if isinstance(wanted, list) else [wanted]
         if current not in allowed:
             return False
