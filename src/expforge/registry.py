@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from expforge.data import load_data
-from expforge.errors import RegistryError
+from expforge.errors import RegistryError, first_line
 from expforge.metrics import better, check_direction, direction_of, ranking_key, score
 from expforge.tracking import (
     RunRecord,
@@ -333,8 +333,13 @@ def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
         f"{report.considered} candidates: {report.target}."
         + (f" Gate: {'; '.join(report.gate)}." if report.gate else "")
     )
-    version, created = register_version(client, name, winner.model_uri, winner.run_id,
-                                        version_tags, description, alias, current)
+    try:
+        version, created = register_version(client, name, winner.model_uri, winner.run_id,
+                                            version_tags, description, alias, current)
+    except Exception as exc:  # rolled back by register_version: nothing half-registered
+        raise RegistryError(f"registering run {winner.run_id} as {name} failed: "
+                            f"{first_line(exc)}; its new version was rolled back, run it "
+                            "again") from exc
     report.version, report.created = version, created
     verb = "registered" if created else "kept the existing"
     report.note = (f"{verb} {name} version {version}; {alias} -> v{version}"

@@ -4,6 +4,7 @@ their aliases."""
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
@@ -150,8 +151,8 @@ def register_version(client: Any, name: str, model_uri: str, run_id: str,
             number, created = first, False
     try:
         if current is not None and int(current.version) != number:
-            client.set_registered_model_alias(name, "previous", current.version)
-        client.set_registered_model_alias(name, alias, str(number))
+            _set_alias(client, name, "previous", str(current.version))
+        _set_alias(client, name, alias, str(number))
     except BaseException:
         if created:
             client.delete_model_version(name, str(number))
@@ -159,6 +160,22 @@ def register_version(client: Any, name: str, model_uri: str, run_id: str,
             client.set_registered_model_alias(name, alias, current.version)
         raise
     return str(number), created
+
+
+def _set_alias(client: Any, name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version``. Two commands that set the same new alias at once
+    race on MLflow's insert (a UNIQUE constraint): the loser finds the alias set, and sets
+    it again where the winner chose another version."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _versions_of_run(client: Any, name: str, run_id: str) -> list[int]:
