@@ -168,9 +168,10 @@ def _check_writable(given: dict[str, Any], root: Path) -> None:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not os.access(folder, os.W_OK):
-        _fail(f"paths.outputs={outputs} cannot be created ({folder} is not writable); fix the "
-              "permissions of the project directory or set paths.outputs=<writable folder> "
-              "(and tracking.uri)")
+        raise ConfigError(
+            f"paths.outputs={outputs} cannot be created ({folder} is not writable); fix the "
+            "permissions of the project directory or set paths.outputs=<writable folder> (and "
+            "tracking.uri)")
 
 
 def _group_options(conf: Path) -> dict[str, set[str]]:
@@ -205,8 +206,8 @@ def _check_groups(overrides: list[Any], conf: Path, config_name: str) -> None:
         for v in chosen[group]:
             if v not in options[group] and v != "null":
                 listed = ", ".join(sorted(options[group]))
-                _fail(f"{group}={v} is not an option of the {group} group (no "
-                      f"{conf.name}/{group}/{v}.yaml); choose one of: {listed}")
+                raise ConfigError(f"{group}={v} is not an option of the {group} group (no "
+                                  f"{conf.name}/{group}/{v}.yaml); choose one of: {listed}")
     files = [conf / f"{config_name}.yaml"] + [
         conf / group / f"{v}.yaml" for group, values in chosen.items() for v in values]
     for file in files:
@@ -236,20 +237,16 @@ def _check_yaml(file: Path, conf: Path) -> None:
 
     if not file.is_file():
         return
-    try:
-        yaml.safe_load(file.read_text())
+    try:  # libyaml's loader where there is one: this runs on every command
+        yaml.load(file.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or first_line(exc)
         context = getattr(exc, "context", None)
         detail = f"{context}: {problem}" if context else str(problem)
-        _fail(f"{file.relative_to(conf.parent)} is not valid YAML ({detail} at{where}); "
-              "fix the file")
-
-
-def _fail(message: str) -> None:
-    raise ConfigError(message)
+        raise ConfigError(f"{file.relative_to(conf.parent)} is not valid YAML ({detail} "
+                          f"at{where}); fix the file") from None
 
 
 def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: str) -> None:
@@ -270,7 +267,7 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
                 "not in struct" not in str(exc.__cause__):
             # A value the schema refuses (search.n_trials=many): one line, not Hydra's report.
             key = str(getattr(exc.__cause__, "full_key", "") or "")
-            _fail(str(schema_error(key.split(".", 1)[0], exc)))
+            raise schema_error(key.split(".", 1)[0], exc) from None
         try:
             with initialize_config_dir(conf_dir, version_base="1.3"):
                 cfg = compose(config_name, overrides=groups)
@@ -296,8 +293,8 @@ def _check_known(keys: list[Any], cfg: Any) -> None:
             near = closest_keys(o.key_or_group, known)
             hint = f"did you mean {near[0]}? " if near else ""
             text = o.input_line or o.key_or_group
-            _fail(f"{text} names {o.key_or_group}, which is not a config key; {hint}"
-                  f"(to add a new key on purpose: +{text})")
+            raise ConfigError(f"{text} names {o.key_or_group}, which is not a config key; "
+                              f"{hint}(to add a new key on purpose: +{text})")
 
 
 _HELP_FLAGS = ("--help", "-h")

@@ -57,11 +57,7 @@ def schema_lock(url: str, name: str) -> Iterator[None]:
 
 def probe(url: str) -> None:
     """Connect once, within seconds (MLflow retries a failed connection for minutes)."""
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    engine = sqlalchemy.create_engine(
-        url, poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    engine = _engine(url)
     try:
         engine.connect().close()
     except Exception as exc:
@@ -73,10 +69,8 @@ def probe(url: str) -> None:
 @contextlib.contextmanager
 def _advisory_lock(url: str, name: str) -> Iterator[None]:
     import sqlalchemy
-    from sqlalchemy.pool import NullPool
 
-    engine = sqlalchemy.create_engine(
-        url, poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    engine = _engine(url)
     try:
         try:
             connection = engine.connect()
@@ -96,6 +90,15 @@ def _advisory_lock(url: str, name: str) -> Iterator[None]:
                     connection.commit()
     finally:
         engine.dispose()
+
+
+def _engine(url: str) -> Any:
+    """An engine for one connection that gives up after ``CONNECT_TIMEOUT_S``."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    return sqlalchemy.create_engine(
+        url, poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
 
 
 def _reason(exc: BaseException) -> str:

@@ -30,10 +30,9 @@ def with_fixed(plain: Mapping[str, Any], context: RunContext
         plain = _compose(conf, [*given, *(f"{g}={v}" for g, v in groups.items())])
         context = RunContext(choices={**context.choices, **groups}, overrides=context.overrides)
     values = {k: v for k, v in fixed.items() if k not in groups}
-    known = flatten(plain)
     for key in values:
-        if key not in known and lookup(plain, key) is MISSING:
-            near = closest_keys(key, known)
+        if lookup(plain, key) is MISSING:
+            near = closest_keys(key, flatten(plain))
             hint = f"; did you mean {near[0]}?" if near else ""
             raise SearchError(f"search_space.{key}={values[key]} fixes {key}, which is not a "
                               f"key of the config (nor a config group){hint}")

@@ -17,8 +17,8 @@ from expforge.config import mask_uri, slug
 from expforge.databases import DatabaseUnusable, probe, schema_lock
 from expforge.errors import TrackingError, first_line
 
-__all__ = ["WRITERS", "TrackingSettings", "bound_retries", "check_reachable", "connect",
-           "load_store_code"]
+__all__ = ["WRITERS", "TrackingSettings", "check_reachable", "connect", "load_store_code",
+           "quiet_http_client"]
 
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # The MLflow UI opens an experiment in its GenAI view unless it is tagged as classical
@@ -70,28 +70,29 @@ def connect(settings: TrackingSettings) -> str:
     """Point MLflow at ``settings.uri``, fail fast if it is unusable; the experiment's id."""
     import mlflow
 
-    check_reachable(settings.uri)
-    if urlparse(settings.uri).scheme in ("http", "https"):
-        bound_retries(settings.retry_s)
-    if urlparse(settings.uri).scheme == "sqlite":
+    scheme = urlparse(settings.uri).scheme.split("+", 1)[0]
+    if scheme != "postgresql":  # there, the schema lock's connection is the probe
+        check_reachable(settings.uri)
+    if scheme in ("http", "https"):
+        quiet_http_client(settings.retry_s)
+    if scheme == "sqlite":
         _create_sqlite_store(settings)
     mlflow.set_tracking_uri(settings.uri)
     mlflow.set_registry_uri(settings.uri)
-    if urlparse(settings.uri).scheme.split("+", 1)[0] == "postgresql":
+    if scheme == "postgresql":
         try:  # the first command on a new database creates MLflow's schema, alone
             with schema_lock(settings.uri, "expforge: mlflow schema"):
                 return ensure_experiment(settings)
         except DatabaseUnusable as exc:
-            raise TrackingError(f"tracking.uri={mask_uri(settings.uri)} cannot be opened "
-                                f"({exc})") from None
+            raise _unusable(settings.uri, exc) from None
     return ensure_experiment(settings)
 
 
-def bound_retries(retry_s: float) -> None:
-    """MLflow retries a request to a server that stops answering for about ``retry_s``
-    seconds, not its default of about four minutes per request; settings the user made
-    in the environment stay. urllib3's line per retry and MLflow's link per run are not
-    shown."""
+def quiet_http_client(retry_s: float) -> None:
+    """MLflow's HTTP client for a tracking server: a request to a server that stops
+    answering is retried for about ``retry_s`` seconds, not its default of about four
+    minutes; urllib3's line per retry and MLflow's link per run are not shown. Settings the
+    user made in the environment stay."""
     import logging
 
     # MLflow's retries sleep 0, 2, 4, 8, ... s (backoff factor 1) plus up to 1 s of jitter
@@ -168,8 +169,7 @@ def check_reachable(uri: str) -> None:
         try:
             probe(uri)
         except DatabaseUnusable as exc:
-            raise TrackingError(f"tracking.uri={shown} cannot be opened ({exc}); start the "
-                                "database, create it, or fix tracking.uri") from None
+            raise _unusable(uri, exc) from None
     elif scheme in DB_SCHEMES:
         parsed = urlparse(uri)
         host, port = parsed.hostname or "localhost", parsed.port or _default_port(scheme)
@@ -186,6 +186,11 @@ def check_reachable(uri: str) -> None:
             f"tracking.uri={shown} has an unknown scheme {scheme!r}; use sqlite:///path, "
             "http://host:port or postgresql://..."
         )
+
+
+def _unusable(uri: str, exc: DatabaseUnusable) -> TrackingError:
+    return TrackingError(f"tracking.uri={mask_uri(uri)} cannot be opened ({exc}); start the "
+                         "database, create it, or fix tracking.uri")
 
 
 def _default_port(scheme: str) -> int | None:

@@ -240,11 +240,8 @@ class WriterClient(Store):
             first_error = first_error or str(reply.error or "")
             if isinstance(reply, expected):
                 break
-        if first_error.startswith("tracking.uri="):  # a whole line: see server._serve
+        if first_error:  # a whole line (server._serve)
             raise TrackingError(first_error)
-        if first_error:
-            raise TrackingError(f"tracking.uri={mask_uri(self.uri)}: writing a run failed: "
-                                f"{first_error}")
 
     def _check_grace(self) -> None:
         """Every wait ends: when the writer is gone (the reply thread sees its pipe close),

@@ -22,6 +22,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from expforge.config import mask_uri
 from expforge.errors import ExpforgeError, error_line
 from expforge.process import freeze_loaded, ignore_interrupts
 from expforge.tracking._writer import messages as m
@@ -106,8 +107,10 @@ def _serve(state: _State, client: int, request: m.Request) -> bool:
         if request.awaits:
             _reply(state, client, m.Value(error=_portable(exc), request=request.request))
         else:
-            # ours are whole lines already (LocalStore says what failed)
-            line = str(exc) if isinstance(exc, ExpforgeError) else error_line(exc)
+            # a whole line: LocalStore's errors say what failed already
+            line = str(exc) if isinstance(exc, ExpforgeError) else (
+                f"tracking.uri={mask_uri(state.store.uri)}: writing a run failed: "
+                f"{error_line(exc)}")
             state.errors[client] = state.errors[client] or line
     else:
         if request.awaits:
