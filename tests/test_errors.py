@@ -159,9 +159,10 @@ def test_a_config_file_with_a_yaml_error_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(project / "run.py"), "experiment=typo"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "error: conf/experiment/typo.yaml is not valid YAML (while parsing a flow sequence: "
-        "expected ',' or ']', but got '<stream end>' at line 4, column 1); fix the file"]
+    (line,) = done.stderr.strip().splitlines()  # the problem's words are libyaml's
+    assert line.startswith("error: conf/experiment/typo.yaml is not valid YAML (while parsing "
+                           "a flow sequence: ")
+    assert line.endswith(" at line 4, column 1); fix the file")
     assert not (project / "mlflow.db").exists()
 
 
