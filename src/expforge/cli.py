@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expforge.errors import ConfigError, first_line
-from expforge.process import EXIT_ERROR, EXIT_GATE, guarded
+from expforge.process import EXIT_ERROR, EXIT_GATE, guarded, library_logs_to_job_log
 
 if TYPE_CHECKING:  # --help and the pre-checks must not pay for pandas and scikit-learn
     from expforge.runner import RunContext
@@ -31,7 +31,8 @@ def hydra_context() -> RunContext:
         return RunContext()
     hc = HydraConfig.get()
     choices = {str(k): str(v) for k, v in hc.runtime.choices.items() if v is not None}
-    return RunContext(choices=choices, overrides=list(hc.overrides.task))
+    return RunContext(choices=choices, overrides=list(hc.overrides.task),
+                      output_dir=hc.runtime.output_dir)
 
 
 def run_job(cfg: Any) -> float | None:
@@ -40,6 +41,7 @@ def run_job(cfg: Any) -> float | None:
     def action() -> float | None:
         from expforge.config import to_plain
 
+        library_logs_to_job_log()
         plain = to_plain(cfg)
         if plain.get("reproduce"):
             from expforge.reproduce import print_reproduction, reproduce_run
@@ -76,6 +78,7 @@ def register_job(cfg: Any) -> None:
         from expforge.config import to_plain
         from expforge.registry import print_report, register_best
 
+        library_logs_to_job_log()
         plain = to_plain(cfg)
         report = register_best(plain["register"], plain["tracking"], plain["paths"]["root"])
         print_report(report)
@@ -88,6 +91,8 @@ def register_job(cfg: Any) -> None:
 def print_summary(result: Any) -> None:
     from rich.console import Console
     from rich.table import Table
+
+    from expforge.tracking import ui_command
 
     metrics = result.metrics
     names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith("train_")})
@@ -104,15 +109,8 @@ def print_summary(result: Any) -> None:
         f"objective {result.objective.metric} = {result.value:.6g} "
         f"({result.objective.direction}); fit {metrics.get('fit_time_s', 0):.3f}s"
     )
-    console.print(f"open the UI: {ui_command(result.tracking_uri)}", soft_wrap=True)
-
-
-def ui_command(uri: str) -> str:
-    from expforge.config import mask_uri
-
-    if uri.startswith(("http://", "https://")):
-        return mask_uri(uri)
-    return f"mlflow ui --backend-store-uri {mask_uri(uri)}"
+    console.print(f"open the UI: {ui_command(result.tracking_uri, result.experiment_id)}",
+                  soft_wrap=True)
 
 
 def precheck(argv: list[str], root: Path, config_name: str) -> None:

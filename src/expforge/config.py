@@ -248,6 +248,7 @@ class TrackingSchema:
     writer: str = field(default="auto", metadata=_choice("auto", "process", "inline"))
     retry_s: float = field(default=120, metadata={"fix": "give seconds > 0",
                                                   "check": lambda v: v > 0})
+    system_metrics: bool = field(default=False, metadata={"fix": "give true or false"})
 
 
 SCHEMAS: dict[str, type] = {"search": SearchSchema, "tracking": TrackingSchema}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -123,9 +124,10 @@ def _roc(y: np.ndarray, proba: np.ndarray, classes: tuple[str, ...]) -> Any:
     return fig
 
 
-def study_figures(study: Any, target_name: str, multi_objective: bool) -> dict[str, Any]:
+def study_figures(study: Any, metrics: Sequence[str]) -> dict[str, Any]:
     """``{"plots/<name>.png": Figure}``: Optuna's history, importance, slice and
-    parallel-coordinate plots of ``study``."""
+    parallel-coordinate plots of ``study`` (the first of its objectives ``metrics``), and the
+    Pareto front of two or three objectives."""
     import warnings
 
     import matplotlib
@@ -134,7 +136,8 @@ def study_figures(study: Any, target_name: str, multi_objective: bool) -> dict[s
     import optuna
     from optuna.visualization import matplotlib as vis
 
-    target = (lambda t: t.values[0]) if multi_objective else None
+    target_name = metrics[0]
+    target = (lambda t: t.values[0]) if len(metrics) > 1 else None
     # fANOVA as Optuna's default, with 16 trees of depth 16 instead of 64 of 64: a fraction
     # of the time, and the same ranking of the parameters that matter (benchmarks/README.md).
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=16, max_depth=16, seed=0)
@@ -145,6 +148,9 @@ def study_figures(study: Any, target_name: str, multi_objective: bool) -> dict[s
         "plots/slice.png": vis.plot_slice,
         "plots/parallel_coordinate.png": vis.plot_parallel_coordinate,
     }
+    if len(metrics) in (2, 3):
+        plots["plots/pareto_front.png"] = lambda s, **_: vis.plot_pareto_front(
+            s, target_names=list(metrics))
     figures = {}
     for path, draw in plots.items():
         with warnings.catch_warnings():

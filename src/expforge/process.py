@@ -12,6 +12,10 @@ what the start-up loaded and turns it back on; ``freeze_loaded`` does the same i
 process; ``freeze_at_exit`` spares the interpreter's shutdown its walks of the heap. Where
 the collector runs (expforge used as a library) nothing here changes it.
 
+**Library logs.** Optuna's and MLflow's own lines (a study created, a trial finished, a
+store's tables created) repeat what expforge prints: in a Hydra job they go to the job's log
+file (``library_logs_to_job_log``), not to the console.
+
 **Exit codes.** 0 done; 1 an ``ExpforgeError`` (one line on stderr); 2 ``register.py``'s
 gate blocked the promotion; 130 interrupted. ``docs/design.md`` explains the reasons.
 """
@@ -19,6 +23,7 @@ gate blocked the promotion; 130 interrupted. ``docs/design.md`` explains the rea
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import signal
 import sys
@@ -42,6 +47,8 @@ __all__ = [
     "ignore_interrupts",
     "interrupted_for",
     "interrupts_deferred",
+    "library_logs_to_job_log",
+    "quiet_optuna",
     "start_up_done",
     "stop",
     "terminate_as_interrupt",
@@ -57,6 +64,35 @@ STOP_GRACE_S = 10.0
 _interrupted_at: float | None = None
 
 T = TypeVar("T")
+
+# The libraries whose log lines go to Hydra's job log instead of the console.
+LIBRARY_LOGGERS = ("optuna", "mlflow", "alembic")
+
+
+def library_logs_to_job_log() -> None:
+    """In a Hydra job: Optuna's, MLflow's and its migrations' log lines to the job's log file
+    (``<output dir>/<job name>.log``, Hydra's file handler), not to the console. Called before
+    MLflow is imported, so that MLflow leaves its loggers alone (in this process and those
+    it starts); Optuna's own console handler comes off where a study opens
+    (``quiet_optuna``)."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = list(files)
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+
+
+def quiet_optuna() -> None:
+    """Optuna's lines only where ``library_logs_to_job_log`` sent them (its own console
+    handler off); outside a Hydra job (no file to send them to), only its errors."""
+    import optuna
+
+    if logging.getLogger("optuna").handlers:
+        optuna.logging.disable_default_handler()
+    else:
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def guarded(action: Callable[[], T], label: str = "") -> T:

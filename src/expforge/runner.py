@@ -71,6 +71,7 @@ class RunContext:
 
     choices: dict[str, str] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
+    output_dir: str | None = None  # Hydra's output folder of the job (None outside Hydra)
 
 
 @dataclass(frozen=True)
@@ -414,14 +415,18 @@ def attach_model(store: Store, run_id: str, model: Any, dataset: Dataset) -> str
     return store.attach_model(run_id, model, dataset.train.X.head(5))
 
 
-def attach_figures(store: Store, run_id: str, figures: dict[str, Any]) -> None:
-    """Figures onto a run, as PNG files drawn here (a writer process logs them)."""
+def attach_figures(store: Store, run_id: str, figures: dict[str, Any],
+                   add: Callable[[Path], None] | None = None) -> None:
+    """Figures onto a run, as PNG files drawn here (a writer process logs them);
+    ``add(folder)`` first puts more files beside them (a page that shows them)."""
     import shutil
 
     from expforge.plots import save_figures
 
     folder = save_figures(figures)
     try:
+        if add is not None:
+            add(Path(folder))
         store.attach_files(run_id, folder)
     except BaseException:  # not handed over
         shutil.rmtree(folder, ignore_errors=True)

@@ -3,8 +3,9 @@
 ``on_multirun_start`` creates the store schema, the experiment and the sweep's parent run once,
 in the launching process, so parallel jobs (joblib, submitit) never race on them; the parent's
 id reaches every job through the environment, which launchers pass on to their processes.
-``on_multirun_end`` puts a table of every job's metrics and the best job on the parent, and
-registers the winner when ``register.enabled=true``.
+``on_multirun_end`` puts a table of every job's metrics, the best job and the sweep report (the
+study report's page, of the jobs) on the parent, and registers the winner when
+``register.enabled=true``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from hydra.experimental.callback import Callback
 
 from expforge.config import mask_overrides
 from expforge.metrics import ranking_key
-from expforge.process import guarded
-from expforge.tracking import RunRecord, TrackingSettings, open_store, queries, reader
+from expforge.process import guarded, quiet_optuna
+from expforge.tracking import RunRecord, Store, TrackingSettings, open_store, queries, reader
 
 __all__ = ["ENV_PARENT", "SweepParent"]
 
@@ -54,6 +55,7 @@ class SweepParent(Callback):
         created = store.create_run(experiment_id, f"sweep-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags)
         os.environ[ENV_PARENT] = store.wait(created)
+        self._store: Store | None = store  # it ends the parent run (and its system metrics)
         # A failing job or Ctrl-C ends a sweep without on_multirun_end: never leave it RUNNING.
         atexit.register(self._abandon, config)
 
@@ -71,14 +73,9 @@ class SweepParent(Callback):
         parent = client.get_run(parent_id)
         jobs = queries.child_runs(client, parent.info.experiment_id, parent_id)
         record = RunRecord(parent_id)
+        swept = _swept(config, jobs)
         if jobs:
-            import pandas as pd
-
-            rows = [{"run_id": r.info.run_id, "run_name": r.info.run_name,
-                     "status": r.info.status,
-                     **{k: r.data.tags[k] for k in ("model", "data") if k in r.data.tags},
-                     **dict(sorted(r.data.metrics.items()))} for r in jobs]
-            record.texts["jobs.csv"] = pd.DataFrame(rows).to_csv(index=False)
+            record.texts["jobs.csv"] = _jobs_table(jobs, swept).to_csv(index=False)
         best = _best_jobs(jobs)
         for metric, run in best.items():
             suffix = "" if len(best) == 1 else f".{metric}"  # jobs of different tasks
@@ -87,15 +84,122 @@ class SweepParent(Callback):
             record.metrics[f"best_{metric}"] = _value(run, metric)
         failed = aborted or not jobs or any(r.info.status != "FINISHED" for r in jobs)
         record.status = "FAILED" if failed else "FINISHED"
-        store = open_store(tracking)
-        store.write(record)
-        store.close()
+        store = getattr(self, "_store", None) or open_store(tracking)
+        self._store = None
+        try:
+            store.write(record)
+            if jobs and tracking.log_plots and not aborted:
+                report = _attach_report(store, parent, jobs, swept, best,
+                                        str(config.hydra.sweep.dir), tracking)
+                print(f"sweep report: {report}")
+        finally:
+            store.close()
         register = _section(config, "register")
         if register.get("enabled") and jobs and not aborted:
             from expforge.registry import register_after
 
             register_after({"register": register, "tracking": _section(config, "tracking"),
                             "paths": _section(config, "paths")}, parent_id)
+
+
+def _swept(config: Any, jobs: list[Any]) -> dict[str, list[str]]:
+    """``{key: each job's value}`` of the command line's keys whose values differ between
+    the jobs (a config group's choice from the job's tag, any other key from its params)."""
+    keys = []
+    for override in config.hydra.overrides.task:
+        key = str(override).split("=", 1)[0].lstrip("+~")
+        if not key.startswith("hydra") and key not in keys:
+            keys.append(key)
+    swept = {}
+    for key in keys:
+        values = [str(r.data.tags.get(key, r.data.params.get(key, ""))) for r in jobs]
+        if len(set(values)) > 1:
+            swept[key] = values
+    return swept
+
+
+def _jobs_table(jobs: list[Any], swept: dict[str, list[str]]) -> Any:
+    """One row per job: its run, status, the swept keys' values and its metrics."""
+    import pandas as pd
+
+    return pd.DataFrame([{"run_id": r.info.run_id, "run_name": r.info.run_name,
+                          "status": r.info.status,
+                          **{k: r.data.tags[k] for k in ("model", "data") if k in r.data.tags},
+                          **{k: values[i] for k, values in swept.items()},
+                          **dict(sorted(r.data.metrics.items()))}
+                         for i, r in enumerate(jobs)])
+
+
+def _attach_report(store: Any, parent: Any, jobs: list[Any], swept: dict[str, list[str]],
+                   best: dict[str, Any], folder: str, tracking: TrackingSettings) -> str:
+    """The sweep report on the parent run, and a copy in the sweep's output folder; the
+    copy's path. Its figures are Optuna's, of a study made of the finished jobs of the first
+    objective (the swept keys as params)."""
+    import shutil
+    from pathlib import Path
+
+    from expforge.plots import study_figures
+    from expforge.runner import attach_figures
+    from expforge.search.page import write_report
+
+    table = _jobs_table(jobs, swept)
+    figures: dict[str, Any] = {}
+    facts = {"sweep": str(parent.data.tags.get("hydra.overrides", "")),
+             "jobs": f"{sum(r.info.status == 'FINISHED' for r in jobs)} finished of "
+                     f"{len(jobs)}",
+             "parent run": parent.info.run_id, "experiment": tracking.experiment,
+             "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if best:
+        metric, run = next(iter(best.items()))
+        direction = str(run.data.tags.get("objective.direction") or "minimize")
+        facts["objective"] = f"{metric} ({direction})"
+        facts["best"] = f"{_value(run, metric):.6g} ({run.info.run_name}, run {run.info.run_id})"
+        if len(best) == 1:  # else jobs of several tasks: in the order they ran
+            table = table.iloc[sorted(range(len(jobs)), key=lambda i: ranking_key(
+                _value(jobs[i], metric), direction))]
+        study = _jobs_study(jobs, swept, metric, direction)
+        if len(study.trials) >= 2:
+            figures = study_figures(study, [metric])
+    copy = Path(folder, "sweep_report.html")
+
+    def add(target: Path) -> None:
+        page = write_report(target, list(figures), f"Sweep {parent.info.run_name}", facts,
+                            table, name="sweep_report.html")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(page, copy)
+
+    attach_figures(store, parent.info.run_id, figures, add)
+    return str(copy)
+
+
+def _jobs_study(jobs: list[Any], swept: dict[str, list[str]], metric: str,
+                direction: str) -> Any:
+    """An in-memory Optuna study of the finished jobs with ``metric``: a trial per job, the
+    swept keys as its params (numbers as a range, anything else as a choice)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    quiet_optuna()
+
+    distributions: dict[str, Any] = {}
+    values: dict[str, list[Any]] = {}
+    for key, texts in swept.items():
+        try:
+            numbers = [float(t) for t in texts]
+            distributions[key] = FloatDistribution(min(numbers), max(numbers))
+            values[key] = numbers
+        except ValueError:
+            distributions[key] = CategoricalDistribution(sorted(set(texts)))
+            values[key] = texts
+    study = optuna.create_study(direction=direction)  # type: ignore[arg-type]  # a tag of ours
+    for i, r in enumerate(jobs):
+        value = _value(r, metric)
+        if r.info.status != "FINISHED" or math.isnan(value):
+            continue
+        study.add_trial(optuna.trial.create_trial(
+            params={k: v[i] for k, v in values.items()}, distributions=distributions,
+            value=value))
+    return study
 
 
 def _value(run: Any, metric: str) -> float:

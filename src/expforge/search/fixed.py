@@ -6,6 +6,7 @@ command line ``model=linear`` would."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def with_fixed(plain: Mapping[str, Any], context: RunContext
         given = [o for o in context.overrides
                  if o.split("=", 1)[0].lstrip("+~") not in groups]
         plain = _compose(conf, [*given, *(f"{g}={v}" for g, v in groups.items())])
-        context = RunContext(choices={**context.choices, **groups}, overrides=context.overrides)
+        context = replace(context, choices={**context.choices, **groups})
     values = {k: v for k, v in fixed.items() if k not in groups}
     for key in values:
         if lookup(plain, key) is MISSING:

@@ -4,7 +4,10 @@ trial, and at the end the best model, the top trials, Optuna's plots and the cou
 from __future__ import annotations
 
 import contextlib
+import shutil
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from expforge import config as config_mod
@@ -16,14 +19,17 @@ from expforge.runner import (
     model_figures,
     provenance_tags,
 )
-from expforge.search.budget import counts
+from expforge.search.budget import Counts, counts
 from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
+from expforge.search.page import REPORT, write_report
 from expforge.search.recovery import reap_orphans
 from expforge.search.report import print_report, top_trials
 from expforge.search.trial import TrialObjective
-from expforge.tracking import RunRecord, describe_dataset
+from expforge.tracking import RunRecord, describe_dataset, ui_command
 
 __all__ = ["best_after_each_trial", "finish", "open_parent_run"]
+
+REPORT_ROWS = 100  # the study report's leaderboard: the best trials, at most this many
 
 
 def open_parent_run(job: Job, study: Any) -> tuple[str, bool]:
@@ -83,8 +89,6 @@ def finish(job: Job, study: Any, objective: TrialObjective | None) -> float | No
     """The end of this command's part of the study: runs of processes killed meanwhile
     repaired, the best model logged, the top trials, plots and counts on the parent run, the
     table on screen; the best value (None for several objectives or none complete)."""
-    from expforge.plots import study_figures
-
     settings = job.settings
     # Another machine's heartbeat may have failed their trials before they were linked to
     # their runs: written or ended, not RUNNING.
@@ -98,14 +102,48 @@ def finish(job: Job, study: Any, objective: TrialObjective | None) -> float | No
         job.parent_run_id, status=None,
         metrics={"n_complete": done.complete, "n_pruned": done.pruned, "n_failed": done.failed},
         texts={} if table is None else {"top_trials.csv": table.to_csv(index=False)}))
-    if settings.plots and done.complete >= 2:
-        attach_figures(job.store, job.parent_run_id,
-                       study_figures(study, settings.objective.metric,
-                                     settings.multi_objective))
-    print_report(settings, done, table, job.parent_run_id)
+    report = _attach_report(job, study, done) if settings.plots else None
+    print_report(settings, done, table, job.parent_run_id, report,
+                 ui_command(job.tracking.uri, job.experiment_id))
     if settings.multi_objective or done.complete == 0:
         return None
     return float(study.best_value)
+
+
+def _attach_report(job: Job, study: Any, done: Counts) -> str:
+    """Optuna's figures and the study report on the parent run; where the report can be
+    opened (a copy in Hydra's output folder of the command, when there is one)."""
+    from expforge.plots import study_figures
+
+    settings = job.settings
+    metrics = [o.metric for o in settings.objectives]
+    figures = study_figures(study, metrics) if done.complete >= 2 else {}
+    objectives = ", ".join(f"{o.metric} ({o.direction})" for o in settings.objectives)
+    facts = {
+        "study": settings.study_name,
+        "storage": config_mod.mask_uri(settings.storage),
+        "objective": objectives,
+        "trials": f"{done.complete} complete, {done.pruned} pruned, {done.failed} failed "
+                  f"of {settings.n_trials}",
+        "parent run": job.parent_run_id,
+        "experiment": job.tracking.experiment,
+        "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+    if not settings.multi_objective and done.complete:
+        best = study.best_trial
+        facts["best"] = (f"{best.value:.6g} (trial {best.number}, run "
+                         f"{best.user_attrs.get(RUN_ATTR, '?')})")
+    copy = Path(job.context.output_dir, REPORT) if job.context.output_dir else None
+
+    def add(folder: Path) -> None:
+        page = write_report(folder, list(figures), f"Study {settings.study_name}", facts,
+                            top_trials(study, settings, limit=REPORT_ROWS))
+        if copy is not None:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(page, copy)
+
+    attach_figures(job.store, job.parent_run_id, figures, add)
+    return str(copy) if copy is not None else f"{REPORT} on the parent run"
 
 
 def _log_lost_best_model(job: Job, study: Any) -> None:

@@ -21,8 +21,9 @@ def report_failure(study: Any, trial: Any) -> None:
         print(f"trial {trial.number} failed: {trial.user_attrs['error']}", file=sys.stderr)
 
 
-def top_trials(study: Any, settings: SearchSettings) -> Any:
-    """The best ``search.top_k`` COMPLETE trials as a DataFrame (None without any)."""
+def top_trials(study: Any, settings: SearchSettings, limit: int | None = None) -> Any:
+    """The best ``limit`` (default ``search.top_k``) COMPLETE trials as a DataFrame (None
+    without any)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -40,10 +41,11 @@ def top_trials(study: Any, settings: SearchSettings) -> Any:
     first = settings.objective
     frame = pd.DataFrame(rows).sort_values(
         first.metric, key=lambda column: column.map(lambda v: ranking_key(v, first.direction)))
-    return frame.head(settings.top_k).reset_index(drop=True)
+    return frame.head(limit or settings.top_k).reset_index(drop=True)
 
 
-def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: str) -> None:
+def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: str,
+                 report: str | None = None, ui: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -64,6 +66,10 @@ def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: 
         f"{done.failed} failed of {settings.n_trials}; parent run {parent_id}",
         soft_wrap=True,  # a run id cut in two cannot be copied
     )
+    if report is not None:
+        console.print(f"study report: {report}", soft_wrap=True)
+    if ui is not None:
+        console.print(f"open the UI: {ui}", soft_wrap=True)
 
 
 def _readable(table: Any) -> tuple[list[str], list[list[str]]]:

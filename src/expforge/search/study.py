@@ -12,6 +12,7 @@ from typing import Any
 from expforge import config as config_mod
 from expforge.databases import DatabaseUnusable, schema_lock
 from expforge.errors import ConfigError, ExpforgeError, SearchError, first_line
+from expforge.process import quiet_optuna
 from expforge.search.job import PURPOSE_ATTR
 from expforge.search.recovery import FailedTrialRun, heartbeats_used
 from expforge.search.settings import SearchSettings
@@ -30,8 +31,7 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
     """
     import optuna
 
-    # Failed trials are reported in one line each (see report.report_failure).
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    quiet_optuna()  # a failed trial is one line of ours (report.report_failure)
     journal = None if "://" in settings.storage else Path(settings.storage)
     repaired = repair_journal(journal) if journal is not None and index == 0 else None
     try:

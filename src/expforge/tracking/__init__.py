@@ -16,7 +16,13 @@ from expforge.tracking.interface import Store, failed_record
 from expforge.tracking.local import LocalStore
 from expforge.tracking.provenance import git_info, versions
 from expforge.tracking.records import DatasetDescription, RunRecord, describe_dataset
-from expforge.tracking.store import WRITERS, TrackingSettings, check_reachable, connect
+from expforge.tracking.store import (
+    WRITERS,
+    TrackingSettings,
+    check_reachable,
+    connect,
+    ui_command,
+)
 
 __all__ = [
     "WRITERS",
@@ -32,6 +38,7 @@ __all__ = [
     "git_info",
     "open_store",
     "reader",
+    "ui_command",
     "versions",
 ]
 

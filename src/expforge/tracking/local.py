@@ -21,6 +21,7 @@ from expforge.tracking.interface import Store
 from expforge.tracking.provenance import context_tags
 from expforge.tracking.records import RunRecord
 from expforge.tracking.store import TrackingSettings, connect, load_store_code
+from expforge.tracking.system import SystemMetrics
 
 __all__ = ["LocalStore"]
 
@@ -40,6 +41,7 @@ class LocalStore(Store):
         # writes would otherwise take retry_s each).
         self._gone: str | None = None
         self._retry_s = 120.0
+        self._system: SystemMetrics | None = None  # tracking.system_metrics=true
 
     @property
     def client(self) -> Any:
@@ -54,6 +56,8 @@ class LocalStore(Store):
         self._retry_s = settings.retry_s
         with self._failing("opening the store"):
             experiment_id = connect(settings)
+        if settings.system_metrics and self._system is None:
+            self._system = SystemMetrics(self.uri)
         if meanwhile is not None:
             meanwhile()
         return experiment_id
@@ -78,11 +82,16 @@ class LocalStore(Store):
         if self._context is None:
             self._context = context_tags()
         with self._failing("creating a run"), interrupts_deferred():
-            return runs.create_run(self.client, self._context, experiment_id, run_name, tags,
-                                   parent_run_id, start, self._locations)
+            run_id = runs.create_run(self.client, self._context, experiment_id, run_name, tags,
+                                     parent_run_id, start, self._locations)
+            if self._system is not None:
+                self._system.start(run_id)
+            return run_id
 
     def write(self, record: RunRecord) -> None:
         with self._failing("writing a run"), interrupts_deferred():
+            if self._system is not None and record.status is not None:
+                self._system.finish(record.run_id)
             runs.write_record(self.client, record, self._locations, self._inputs)
 
     def attach_model(self, run_id: str, model: Any, input_example: Any) -> str:
@@ -95,6 +104,8 @@ class LocalStore(Store):
 
     def end_run(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
         with self._failing("ending a run"), interrupts_deferred():
+            if self._system is not None:
+                self._system.finish(run_id)
             runs.end_run(self.client, run_id, status, tags)
 
     def rewrite_run(self, whole: RunRecord, end: RunRecord) -> None:
@@ -106,8 +117,11 @@ class LocalStore(Store):
         if self._context is None:
             self._context = context_tags()
         with self._failing("opening the parent run"), interrupts_deferred():
-            return runs.open_parent_run(self.client, experiment_id, existing, name,
-                                        {**self._context, **tags})
+            run_id, resumed = runs.open_parent_run(self.client, experiment_id, existing, name,
+                                                   {**self._context, **tags})
+            if self._system is not None:
+                self._system.start(run_id, resumed)
+            return run_id, resumed
 
     def running_trial_runs(self, experiment_id: str, study_name: str) -> dict[str, str]:
         with self._failing("finding the study's runs"):
@@ -121,6 +135,10 @@ class LocalStore(Store):
         load_store_code(self.uri)
         if self._context is None:
             self._context = context_tags()
+
+    def close(self) -> None:
+        if self._system is not None:
+            self._system.close()
 
     def for_client(self, client: int) -> Store:
         """Its own store, which opens when first used."""

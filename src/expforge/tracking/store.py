@@ -18,12 +18,16 @@ from expforge.databases import DatabaseUnusable, probe, schema_lock
 from expforge.errors import TrackingError, first_line
 
 __all__ = ["WRITERS", "TrackingSettings", "check_reachable", "connect", "load_store_code",
-           "quiet_http_client"]
+           "quiet_http_client", "ui_command"]
 
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # The MLflow UI opens an experiment in its GenAI view unless it is tagged as classical
 # training (the value its code reads for "Model training").
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17.2's UI decides between its GenAI and its training views by a setting of the
+# browser (default GenAI), not by that tag; an address can ask for the training view.
+TRAINING_VIEW = "runs?workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where ``mlflow ui`` listens by default
 # Who writes a search's runs: a process of its own, this process, or the choice of
 # ``open_store`` (see docs/design.md).
 WRITERS = ("auto", "process", "inline")
@@ -43,6 +47,7 @@ class TrackingSettings:
     autolog: bool = False
     writer: str = "auto"
     retry_s: float = 120.0
+    system_metrics: bool = False
 
     @classmethod
     def from_config(cls, tracking: Mapping[str, Any]) -> TrackingSettings:
@@ -63,7 +68,17 @@ class TrackingSettings:
             autolog=bool(tracking.get("autolog", False)),
             writer=writer,
             retry_s=float(tracking.get("retry_s") or 120.0),
+            system_metrics=bool(tracking.get("system_metrics", False)),
         )
+
+
+def ui_command(uri: str, experiment_id: str) -> str:
+    """How to look at an experiment's runs in the MLflow UI: the address of its training-runs
+    view, after ``mlflow ui`` where no server runs."""
+    if uri.startswith(("http://", "https://")):
+        return f"{mask_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/{TRAINING_VIEW}"
+    return (f"mlflow ui --backend-store-uri {mask_uri(uri)}, then "
+            f"{LOCAL_UI}/#/experiments/{experiment_id}/{TRAINING_VIEW}")
 
 
 def connect(settings: TrackingSettings) -> str:
