@@ -7,6 +7,10 @@ PIP_FLAGS := --disable-pip-version-check -q
 
 .PHONY: run test lint bench clean
 
+# The browser tests drive Debian's Chromium through Playwright (no browser download).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -21,7 +25,11 @@ $(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.stamp-run
 	$(BIN)/python run.py
 
-test: $(VENV)/.stamp-dev
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive sh -c \
+		'apt-get install -y -qq chromium || (apt-get update -qq && apt-get install -y -qq chromium)'
+
+test: $(VENV)/.stamp-dev $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,36 @@ def taxi_files(tmp_path: Path) -> dict[str, Path]:
         split: write_taxi_month(tmp_path / f"green_tripdata_2021-0{m}.parquet", 400, m, m)
         for split, m in (("train", 1), ("val", 2), ("test", 3))
     }
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: `make test` installs it
+
+
+@contextmanager
+def browser_page(offline: bool = False) -> Iterator[Any]:
+    """A page of headless Chromium (Debian's, driven by Playwright; no browser download).
+    ``offline``: every request beyond the page's own file and inlined data is refused, as on
+    a machine without a network."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.exists(), f"{CHROMIUM} is missing: `make test` installs Debian's chromium"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            if offline:
+                page.refused = []
+                page.route("**/*", lambda route: route.continue_()
+                           if route.request.url.startswith(("file:", "data:"))
+                           else (page.refused.append(route.request.url), route.abort()))
+            yield page
+        finally:
+            browser.close()
+
+
+def rendered_figures(page: Any) -> list[dict[str, Any]]:
+    """Each image of the page: its alt text and whether the browser decoded it."""
+    return list(page.evaluate(
+        "[...document.images].map(i => ({alt: i.alt, shown: i.complete && i.naturalWidth > 0}))"))

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from omegaconf import open_dict
 
 from expforge.config import to_plain
 from expforge.runner import run_one
 from expforge.sweep import ENV_PARENT, SweepParent
 
-from .conftest import CONF, client, compose
+from .conftest import CONF, browser_page, client, compose, rendered_figures
 
 
-def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store) -> None:
+def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store, tmp_path: Path) -> None:
     common = [f"tracking.uri={store['uri']}", f"tracking.artifact_root={store['artifacts']}",
-              "tracking.experiment=sweep-parent", "model=rf", "model.n_estimators=10"]
-    # What Hydra hands the callback: the config with its own section.
+              "tracking.experiment=sweep-parent", "model=rf", "model.n_estimators=10",
+              f"paths.outputs={tmp_path}"]
+    # What Hydra hands the callback: the config with its own section, and the sweep's
+    # overrides as the command line gave them.
     with initialize_config_dir(str(CONF), version_base="1.3"):
         config = hydra_compose("config", overrides=common, return_hydra_config=True)
+    with open_dict(config):
+        config.hydra.overrides.task.append("model.max_depth=2,8")
     callback = SweepParent()
     callback.on_multirun_start(config)
     parent = os.environ[ENV_PARENT]
@@ -39,3 +45,18 @@ def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store) -> None:
     assert "jobs.csv" in {a.path for a in c.list_artifacts(parent)}
     jobs = c.get_run(results[0].run_id)
     assert jobs.data.tags["mlflow.parentRunId"] == parent
+
+    # The sweep report: its jobs best first, the swept key as a column and a figure's param.
+    assert "sweep_report.html" in {a.path for a in c.list_artifacts(parent)}
+    page = next(tmp_path.glob("multirun/*/*/sweep_report.html"))
+    with browser_page(offline=True) as p:
+        p.goto(page.as_uri())
+        figures = rendered_figures(p)
+        headers = p.locator("table.leaderboard thead th").all_inner_texts()
+        rows = [r.split("\t") for r in p.locator("table.leaderboard tbody tr").all_inner_texts()]
+    assert figures and all(f["shown"] for f in figures)
+    assert "Parallel coordinates" in [f["alt"] for f in figures]
+    depth = headers.index("model.max_depth")
+    assert [r[0] for r in rows] == [best.run_id, *(r.run_id for r in results
+                                                   if r.run_id != best.run_id)]
+    assert sorted(r[depth] for r in rows) == ["2", "8"]

@@ -450,7 +450,10 @@ def test_the_console_fits_80_columns_without_a_terminal(tmp_path: Path) -> None:
     row = [c.strip() for c in table[3].split("│")[1:-1]]
     assert len(row[1]) == 8 and len(row[2].replace(".", "")) <= 4
     assert lines[start + 7].startswith("(+") and "top_trials.csv" in lines[start + 7]
-    assert lines[-1].startswith("study cli: 2 complete") and len(lines[-1].split()[-1]) == 32
+    summary = next(line for line in lines if line.startswith("study cli: "))
+    assert summary.startswith("study cli: 2 complete") and len(summary.split()[-1]) == 32
+    assert lines[-1].startswith("open the UI: mlflow ui --backend-store-uri sqlite:///")
+    assert lines[-1].endswith("/#/experiments/1/runs?workflowType=machine_learning")
     assert "View run" not in done.stdout and "Warning" not in done.stderr
 
 
