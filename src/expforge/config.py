@@ -231,6 +231,10 @@ class SearchSchema:
                                "check": lambda v: v is None or v >= 1})
     top_k: int = field(default=10, metadata=_WHOLE)
     plots: bool = field(default=True, metadata={"fix": "give true or false"})
+    target: float | None = field(default=None, metadata={"fix": "give a number or null"})
+    patience: int | None = field(
+        default=None, metadata={"fix": "give a whole number >= 1 or null",
+                                "check": lambda v: v is None or v >= 1})
 
 
 @dataclass

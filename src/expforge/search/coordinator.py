@@ -14,8 +14,11 @@ whole picture.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from expforge import config as config_mod
 from expforge.data import load_data
 from expforge.process import interrupts_deferred, start_up_done
 from expforge.runner import RunContext
+from expforge.search.budget import TooManyFailures, counts
 from expforge.search.fixed import with_fixed
 from expforge.search.job import Job
 from expforge.search.loop import optimize
@@ -34,7 +38,7 @@ from expforge.search.settings import SearchSettings, settings_of
 from expforge.search.space import Param, parse_space, space_size
 from expforge.search.study import open_study, pruner, sampler
 from expforge.search.workers import Worker, start_workers, stop_workers, watch
-from expforge.tracking import TrackingSettings, open_store
+from expforge.tracking import RunRecord, TrackingSettings, open_store
 
 __all__ = ["SearchResult", "run_search"]
 
@@ -51,6 +55,7 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
                sweep_parent_run_id: str | None = None) -> SearchResult:
     """Run the study to its budget. In a multirun sweep the study's parent run hangs under
     the sweep's parent run."""
+    started = time.time()  # search.timeout counts from here, for every worker
     context = context or RunContext()
     plain, context = with_fixed(plain, context)  # a sweeper's fixed values in the space
     tracking = TrackingSettings.from_config(plain["tracking"])
@@ -73,7 +78,8 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
         store.close()
         raise
     job = Job(plain, context, dataset, settings, params, tracking, store,
-              sweep_parent_run_id=sweep_parent_run_id)
+              sweep_parent_run_id=sweep_parent_run_id,
+              deadline=started + settings.timeout if settings.timeout else math.inf)
     try:
         workers: list[Worker] = []
         if settings.n_workers > 1:
@@ -101,6 +107,20 @@ def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettin
     return settings
 
 
+@contextlib.contextmanager
+def _stop_tagged(job: Job) -> Iterator[None]:
+    """A study stopped by too many failures or an interrupt says so on its parent run
+    (``stop_reason``; the other reasons are ``finish``'s)."""
+    try:
+        yield
+    except (KeyboardInterrupt, TooManyFailures) as exc:
+        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failures"
+        with contextlib.suppress(Exception):
+            job.store.write(RunRecord(job.parent_run_id, status=None,
+                                      tags={"stop_reason": reason}))
+        raise
+
+
 def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
     """Open the store, the study and its parent run; run the trials (here or in the
     workers); finish the study."""
@@ -118,7 +138,8 @@ def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
                            job.model_name)
         reap_orphans(study, job)
         job.parent_run_id, _ = open_parent_run(job, study)
-        with job.store.ended(job.parent_run_id):
+        done_before = counts(study).done
+        with job.store.ended(job.parent_run_id), _stop_tagged(job):
             for w in workers:
                 w.channel.send((job.parent_run_id, job.experiment_id))
             released = True
@@ -129,7 +150,7 @@ def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
                 else:
                     objective = optimize(job, study, progress)
             with interrupts_deferred():  # this process's own writes
-                best = finish(job, study, objective)
+                best = finish(job, study, objective, done_before)
     finally:
         if not released:  # a waiting worker must hear that there is nothing to do
             for w in workers:

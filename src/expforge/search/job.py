@@ -5,6 +5,7 @@ The bottom of the package: it imports none of the steps above it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from expforge.search.space import Param, apply_params
 from expforge.tracking import Store, TrackingSettings
 
 __all__ = ["HOST_ATTR", "METRICS_ATTR", "PARENT_ATTR", "PID_ATTR", "PURPOSE_ATTR", "RUN_ATTR",
-           "SKIPPED_ATTR", "STUDY_ROLE", "Job"]
+           "SKIPPED_ATTR", "STOP_ATTR", "STUDY_ROLE", "Job"]
 
 STUDY_ROLE = "study"  # the parent run's expforge.role
 RUN_ATTR = "mlflow_run_id"  # a trial's run, as optuna-integration names it
@@ -26,6 +27,7 @@ HOST_ATTR = "expforge.host"  # ... on this host
 SKIPPED_ATTR = "expforge.skipped"  # a trial asked for after the budget was spent
 METRICS_ATTR = "expforge.metrics"  # all of a trial's metrics, to write a lost run again
 PURPOSE_ATTR = "expforge.created_for"  # the study's model, space and objective
+STOP_ATTR = "expforge.stopped"  # the rule that stopped the study last, and its settings
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Job:
     parent_run_id: str = ""
     experiment_id: str = ""
     sweep_parent_run_id: str | None = None
+    deadline: float = math.inf  # time.time() when search.timeout ends, for every worker
 
     @property
     def model_name(self) -> str:

@@ -1,15 +1,14 @@
-"""A worker's loop: take trials until the study's budget is spent, the timeout passes or
-too many trials fail."""
+"""A worker's loop: take trials until a stop rule holds (the budget, the target, the patience,
+the command's timeout) or too many trials fail."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from typing import Any
 
-from expforge.search.budget import check_failures, counts
+from expforge.search.budget import check_failures, counts, since_of, stop_rule
 from expforge.search.job import Job
 from expforge.search.parent import best_after_each_trial
 from expforge.search.recovery import reap_orphans, recover_stale
@@ -24,14 +23,13 @@ def optimize(job: Job, study: Any, progress: Progress | None) -> TrialObjective:
     (``TrialObjective.flush_best``). Everything handed to the store is written before it
     returns, also on Ctrl-C."""
     settings = job.settings
-    deadline = time.monotonic() + settings.timeout if settings.timeout else math.inf
     objective = TrialObjective(job, study)
     callbacks = [best_after_each_trial(job), report_failure]
     if progress is not None:
         callbacks.append(progress.callback)
     interrupted = False
     try:
-        _loop(job, study, objective, callbacks, deadline)
+        _loop(job, study, objective, callbacks)
     except KeyboardInterrupt:
         interrupted = True
         raise
@@ -47,13 +45,13 @@ def optimize(job: Job, study: Any, progress: Progress | None) -> TrialObjective:
     return objective
 
 
-def _loop(job: Job, study: Any, objective: TrialObjective, callbacks: list[Any],
-          deadline: float) -> None:
+def _loop(job: Job, study: Any, objective: TrialObjective, callbacks: list[Any]) -> None:
     settings = job.settings
+    since = since_of(settings, study)
     recovered = time.monotonic()
-    while time.monotonic() < deadline:
+    while True:
         now = counts(study)
-        if now.done >= settings.n_trials:
+        if stop_rule(settings, study, now, job.deadline, since) is not None:
             break
         if now.taken >= settings.n_trials:
             # The last slots are running elsewhere. Wait: if their worker dies, heartbeats

@@ -19,7 +19,7 @@ from expforge.runner import (
     model_figures,
     provenance_tags,
 )
-from expforge.search.budget import Counts, counts
+from expforge.search.budget import Counts, counts, record_stop, since_of, stop_rule
 from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
 from expforge.search.page import REPORT, write_report
 from expforge.search.recovery import reap_orphans
@@ -85,10 +85,12 @@ def best_after_each_trial(job: Job) -> Callable[[Any, Any], None]:
     return callback
 
 
-def finish(job: Job, study: Any, objective: TrialObjective | None) -> float | None:
+def finish(job: Job, study: Any, objective: TrialObjective | None,
+           done_before: int = 0) -> float | None:
     """The end of this command's part of the study: runs of processes killed meanwhile
-    repaired, the best model logged, the top trials, plots and counts on the parent run, the
-    table on screen; the best value (None for several objectives or none complete)."""
+    repaired, the best model logged, the top trials, plots, counts and the rule that stopped
+    it on the parent run (and on the study), the table on screen; the best value (None for
+    several objectives or none complete). ``done_before``: trials done when it started."""
     settings = job.settings
     # Another machine's heartbeat may have failed their trials before they were linked to
     # their runs: written or ended, not RUNNING.
@@ -98,13 +100,18 @@ def finish(job: Job, study: Any, objective: TrialObjective | None) -> float | No
     if not (objective is not None and objective.flush_best()):
         _log_lost_best_model(job, study)
     table = top_trials(study, settings)
+    stop = stop_rule(settings, study, done, job.deadline, since_of(settings, study))
+    if stop is not None:
+        record_stop(settings, study, stop)
     job.store.write(RunRecord(
         job.parent_run_id, status=None,
         metrics={"n_complete": done.complete, "n_pruned": done.pruned, "n_failed": done.failed},
+        tags={"stop_reason": stop.reason} if stop is not None else {},
         texts={} if table is None else {"top_trials.csv": table.to_csv(index=False)}))
     report = _attach_report(job, study, done) if settings.plots else None
     print_report(settings, done, table, job.parent_run_id, report,
-                 ui_command(job.tracking.uri, job.experiment_id))
+                 ui_command(job.tracking.uri, job.experiment_id),
+                 stop=stop, already=done.done == done_before)
     if settings.multi_objective or done.complete == 0:
         return None
     return float(study.best_value)

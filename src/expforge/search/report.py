@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from expforge.metrics import ranking_key
-from expforge.search.budget import Counts, counts
+from expforge.search.budget import Counts, Stop, counts
 from expforge.search.job import RUN_ATTR
 from expforge.search.settings import SearchSettings
 
@@ -45,7 +45,8 @@ def top_trials(study: Any, settings: SearchSettings, limit: int | None = None) -
 
 
 def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: str,
-                 report: str | None = None, ui: str | None = None) -> None:
+                 report: str | None = None, ui: str | None = None, stop: Stop | None = None,
+                 already: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -66,6 +67,12 @@ def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: 
         f"{done.failed} failed of {settings.n_trials}; parent run {parent_id}",
         soft_wrap=True,  # a run id cut in two cannot be copied
     )
+    if stop is not None and already and stop.reason in ("target", "patience", "budget"):
+        console.print(f"stopped already: {stop.reason} ({stop.detail}); no new trial: raise "
+                      "search.n_trials, or change search.target or search.patience, to go on",
+                      soft_wrap=True)
+    elif stop is not None:
+        console.print(f"stopped: {stop.reason} ({stop.detail})", soft_wrap=True)
     if report is not None:
         console.print(f"study report: {report}", soft_wrap=True)
     if ui is not None:

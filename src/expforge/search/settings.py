@@ -34,6 +34,8 @@ class SearchSettings:
     top_k: int
     plots: bool
     seed: int = 0
+    target: float | None = None
+    patience: int | None = None
     allowed_targets: tuple[str, ...] = config_mod.ALLOWED_TARGETS
 
     @property
@@ -83,6 +85,8 @@ def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
         grace_period=s["grace_period"],
         top_k=s["top_k"],
         plots=s["plots"],
+        target=s["target"],
+        patience=s["patience"],
         seed=int(plain.get("seed", 0)),
         allowed_targets=config_mod.allowed_targets(plain),
     )
@@ -96,6 +100,13 @@ def _objectives(s: Mapping[str, Any], plain: Mapping[str, Any], task: str,
             f"search.directions={directions} needs search.metrics (one metric per direction); "
             "for one objective set metric=... and direction=..."
         )
+    if metrics and len(metrics) > 1:
+        for rule in ("target", "patience"):
+            if s[rule] is not None:
+                raise ConfigError(
+                    f"search.{rule}={s[rule]} needs one objective, and search.metrics="
+                    f"{list(metrics)} has {len(metrics)}; drop search.{rule} (several "
+                    "objectives have a front, not a best value)")
     if not metrics:
         return (objective_of(plain, task),)
     directions = directions or [direction_of(m) for m in metrics]

@@ -1,0 +1,91 @@
+"""When a study stops, through the CLI on real stores: at its target, out of patience, at the
+command's timeout across two workers; the parent run and the console say why, and the same
+command run again starts no trial until the budget or a rule changes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from ..conftest import client, run_cli
+from .test_study import FAST_RF, load
+
+RANDOM = "search.sampler._target_=optuna.samplers.RandomSampler"
+
+
+def _search(tmp_path: Path, *args: str):
+    return run_cli("search=optuna", "search.plots=false", "search.study_name=rules",
+                   f"search.storage={tmp_path}/s.journal",
+                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                   f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out",
+                   *args)
+
+
+def _parent(tmp_path: Path):
+    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = c.get_experiment_by_name("expforge")
+    runs = c.search_runs([exp.experiment_id], "tags.`expforge.role` = 'study'")
+    assert len(runs) == 1
+    assert not c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    return runs[0]
+
+
+def _finished(study: optuna.Study) -> list:
+    return [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+
+
+def test_a_study_stops_at_its_target_and_the_same_command_says_so(tmp_path: Path) -> None:
+    # Every Ridge on diabetes has val_rmse under 60: the first trial reaches it.
+    args = ["model=linear", RANDOM, "search.n_trials=10", "search.target=60"]
+    first = _search(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "stopped: target (search.target=60 reached: " in first.stdout
+    assert len(_finished(load(tmp_path / "s.journal", "rules"))) == 1
+    assert _parent(tmp_path).data.tags["stop_reason"] == "target"
+
+    again = _search(tmp_path, *args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stopped already: target" in again.stdout and "search.n_trials" in again.stdout
+    assert len(load(tmp_path / "s.journal", "rules").trials) == 1
+
+    # Another target: the rules apply to the trials after the stop; none reaches 1.
+    harder = _search(tmp_path, "model=linear", RANDOM, "search.n_trials=4", "search.target=1")
+    assert harder.returncode == 0, harder.stderr[-2000:]
+    assert "stopped: budget (search.n_trials=4 trials done)" in harder.stdout
+    assert len(_finished(load(tmp_path / "s.journal", "rules"))) == 4
+    assert _parent(tmp_path).data.tags["stop_reason"] == "budget"
+
+
+def test_a_study_stops_when_its_best_has_not_improved_for_patience_trials(
+        tmp_path: Path) -> None:
+    done = _search(tmp_path, "model=linear", RANDOM, "search.n_trials=60",
+                   "search.patience=3")
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = load(tmp_path / "s.journal", "rules")
+    finished = sorted(_finished(study), key=lambda t: t.datetime_complete)
+    after_best = [t for t in finished if t.datetime_complete > study.best_trial.datetime_complete]
+    assert len(after_best) == 3 and len(finished) < 60
+    assert "stopped: patience (search.patience=3: no better value than" in done.stdout
+    assert _parent(tmp_path).data.tags["stop_reason"] == "patience"
+
+
+def test_the_timeout_is_the_whole_commands_across_its_workers(tmp_path: Path) -> None:
+    start = time.monotonic()
+    done = _search(tmp_path, *FAST_RF, "search.n_workers=2", "search.n_trials=1000",
+                   "search.timeout=6", "model.n_jobs=1")
+    took = time.monotonic() - start
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stopped: timeout (search.timeout=6 s passed)" in done.stdout
+    study = load(tmp_path / "s.journal", "rules")
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    workers = {t.user_attrs["expforge.pid"] for t in _finished(study)}
+    assert len(workers) == 2 and 2 <= len(_finished(study)) < 1000
+    # The workers started after the command: they end at its deadline, not 6 s after their
+    # own start (a trial takes well under a second; the command's start-up and end, ~10 s).
+    last = max(t.datetime_complete for t in study.trials).timestamp()
+    first = min(t.datetime_start for t in study.trials).timestamp()
+    assert last - first < 6 and took < 40
+    assert _parent(tmp_path).data.tags["stop_reason"] == "timeout"
