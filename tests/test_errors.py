@@ -90,6 +90,14 @@ CASES = {
     "unlogged-search-metric": (["search=optuna", "search.metrics=[val_nope]"],
                                "error: search.metrics lists val_nope, which a regression run "
                                "does not log; choose from: fit_time_s,"),
+    "enqueued-value-outside-its-range": (
+        ["search=optuna", "model=linear", "search.enqueue=[{{model.regressor.alpha: 5000}}]"],
+        "error: search.enqueue[0].model.regressor.alpha=5000 is outside the search space "
+        "(model.regressor.alpha: from 0.0001 to 100.0, log); give a value inside it, or widen "
+        "search_space.model.regressor.alpha"),
+    "unknown-warm-start-source": (
+        ["search=optuna", "model=linear", "search.warm_start.from=nope"],
+        "error: search.warm_start.from=nope is neither a study in "),
     "unknown-sampler": (["search=optuna", "search.sampler._target_=optuna.samplers.Nope"],
                         "error: search.sampler._target_=optuna.samplers.Nope cannot be built"),
     "blocked-target": (["model.regressor._target_=os.system"],

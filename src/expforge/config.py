@@ -232,6 +232,9 @@ class SearchSchema:
     top_k: int = field(default=10, metadata=_WHOLE)
     plots: bool = field(default=True, metadata={"fix": "give true or false"})
     target: float | None = field(default=None, metadata={"fix": "give a number or null"})
+    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    warm_start: dict[str, Any] = field(
+        default_factory=lambda: {"from": None, "top_k": 5, "storage": None})
     patience: int | None = field(
         default=None, metadata={"fix": "give a whole number >= 1 or null",
                                 "check": lambda v: v is None or v >= 1})

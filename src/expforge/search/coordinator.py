@@ -37,6 +37,7 @@ from expforge.search.report import Progress
 from expforge.search.settings import SearchSettings, settings_of
 from expforge.search.space import Param, parse_space, space_size
 from expforge.search.study import open_study, pruner, sampler
+from expforge.search.warm import check_enqueued, enqueue_first, warm_start_configs
 from expforge.search.workers import Worker, start_workers, stop_workers, watch
 from expforge.tracking import RunRecord, TrackingSettings, open_store
 
@@ -72,6 +73,7 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
         settings = settings_of(plain, dataset.task)
         params = parse_space(plain.get("search_space"), plain)
         settings = _within_space(settings, params)
+        check_enqueued(settings.enqueue, params)
         sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
         pruner(settings)
     except BaseException:
@@ -107,6 +109,24 @@ def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettin
     return settings
 
 
+def _try_first(job: Job, study: Any) -> None:
+    """A new study: enqueue ``search.enqueue`` and the warm start's configs first."""
+    settings = job.settings
+    if study.get_trials(deepcopy=False):
+        return  # resumed: enqueued once already
+    configs = list(settings.enqueue)
+    if settings.warm_start_from:
+        configs += warm_start_configs(settings.warm_start_from, settings.warm_start_top_k,
+                                      settings.warm_start_storage, settings.storage,
+                                      job.tracking.uri, job.params)
+    if enqueue_first(study, configs):
+        given, warm = len(settings.enqueue), len(configs) - len(settings.enqueue)
+        sources = [*([f"{given} of search.enqueue"] if given else []),
+                   *([f"{warm} best of {settings.warm_start_from}"] if warm else [])]
+        print(f"study {settings.study_name}: tries {len(configs)} configs first "
+              f"({', '.join(sources)})")
+
+
 @contextlib.contextmanager
 def _stop_tagged(job: Job) -> Iterator[None]:
     """A study stopped by too many failures or an interrupt says so on its parent run
@@ -137,6 +157,7 @@ def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
         study = open_study(settings, job.params, 0, job.store, job.experiment_id,
                            job.model_name)
         reap_orphans(study, job)
+        _try_first(job, study)
         job.parent_run_id, _ = open_parent_run(job, study)
         done_before = counts(study).done
         with job.store.ended(job.parent_run_id), _stop_tagged(job):

@@ -36,6 +36,10 @@ class SearchSettings:
     seed: int = 0
     target: float | None = None
     patience: int | None = None
+    enqueue: tuple[dict[str, Any], ...] = ()
+    warm_start_from: str | None = None
+    warm_start_top_k: int = 5
+    warm_start_storage: str | None = None
     allowed_targets: tuple[str, ...] = config_mod.ALLOWED_TARGETS
 
     @property
@@ -87,9 +91,26 @@ def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
         plots=s["plots"],
         target=s["target"],
         patience=s["patience"],
+        enqueue=tuple(dict(e) if isinstance(e, Mapping) else e for e in s["enqueue"] or ()),
+        **_warm_start(s["warm_start"] or {}),
         seed=int(plain.get("seed", 0)),
         allowed_targets=config_mod.allowed_targets(plain),
     )
+
+
+def _warm_start(warm: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(warm) - {"from", "top_k", "storage"})
+    if unknown:
+        raise ConfigError(f"search.warm_start.{unknown[0]} is not a key of search.warm_start; "
+                          "its keys: from, top_k, storage")
+    top_k = warm.get("top_k", 5)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ConfigError(f"search.warm_start.top_k={top_k} is invalid; give a whole number "
+                          ">= 1")
+    source = warm.get("from")
+    return {"warm_start_from": None if source in (None, "") else str(source),
+            "warm_start_top_k": top_k,
+            "warm_start_storage": None if not warm.get("storage") else str(warm["storage"])}
 
 
 def _objectives(s: Mapping[str, Any], plain: Mapping[str, Any], task: str,
