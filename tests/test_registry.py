@@ -158,7 +158,7 @@ def test_two_register_commands_at_once_give_one_version(tmp_path: Path) -> None:
     run_one(to_plain(compose(*store[:2], "model=linear")), log_plots=False)
     c = client(store[0].split("=", 1)[1])
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    for pair in range(6):
+    for pair in range(3):
         name = f"race-{pair}"
         commands = [subprocess.Popen(
             [sys.executable, str(ROOT / "register.py"), *store, f"register.model_name={name}"],

@@ -13,7 +13,7 @@ from expforge.config import to_plain
 from expforge.runner import run_one
 from expforge.sweep import ENV_PARENT, SweepParent
 
-from .conftest import CONF, browser_page, client, compose, rendered_figures
+from .conftest import CONF, ROOT, browser_page, client, compose, rendered_figures
 
 
 def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store, tmp_path: Path) -> None:
@@ -60,3 +60,56 @@ def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store, tmp_path: Pat
     assert [r[0] for r in rows] == [best.run_id, *(r.run_id for r in results
                                                    if r.run_id != best.run_id)]
     assert sorted(r[depth] for r in rows) == ["2", "8"]
+
+
+def test_a_crashed_multirun_run_again_with_reuse_trains_only_what_is_missing(
+        tmp_path: Path) -> None:
+    """Four jobs, the command killed once two have finished; the same command with
+    tracking.reuse=true trains the other two, and its sweep parent lists all four."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, str(ROOT / "run.py"), "-m", "model=linear",
+            "data=diabetes,breast_cancer", "seed=1,2", "tracking.log_plots=false",
+            "tracking.log_model=false", f"tracking.uri={uri}",
+            f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    c = client(uri)
+
+    def finished_jobs() -> list:
+        exp = c.get_experiment_by_name("expforge") if Path(tmp_path, "mlflow.db").exists() \
+            else None
+        if exp is None:
+            return []
+        return [r for r in c.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+                if "expforge.role" not in r.data.tags]
+
+    deadline = time.monotonic() + 120
+    while len(finished_jobs()) < 2 and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=60)
+    kept = {r.info.run_id for r in finished_jobs()}
+    assert 2 <= len(kept) < 4, first.stderr.read()[-2000:] if first.stderr else ""
+
+    again = subprocess.run([*args, "tracking.reuse=true"], capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("reused run ") == len(kept)
+    jobs = finished_jobs()
+    assert len(jobs) == 4 and kept <= {r.info.run_id for r in jobs}  # none trained twice
+    exp = c.get_experiment_by_name("expforge")
+    sweeps = c.search_runs([exp.experiment_id], "tags.`expforge.role` = 'sweep'",
+                           order_by=["attributes.start_time DESC"])
+    import io
+
+    import pandas as pd
+
+    table = pd.read_csv(io.StringIO(Path(c.download_artifacts(
+        sweeps[0].info.run_id, "jobs.csv", str(tmp_path))).read_text()))
+    assert len(table) == 4 and sorted(table["reused"]) == [False] * (4 - len(kept)) + [
+        True] * len(kept)
+    assert sweeps[0].info.status == "FINISHED" and sweeps[1].info.status != "RUNNING"

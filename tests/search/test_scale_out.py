@@ -136,16 +136,17 @@ def test_three_workers_one_killed_finish_the_budget(databases, mlflow_server,
             assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "FAILED"
 
 
-def test_ten_rounds_of_three_commands_started_together(mlflow_server, tmp_path: Path) -> None:
+def test_rounds_of_three_commands_started_together(mlflow_server, tmp_path: Path) -> None:
     """An array job's tasks start at the same moment: each round opens a new PostgreSQL
     storage (Optuna creates its schema) and a new experiment on the server (MLflow creates it
-    and the study's parent run), three commands at once. All of them must succeed."""
+    and the study's parent run), three commands at once. All of them must succeed. (Without
+    the schema lock, the first or second round failed; four keep the suite's time.)"""
     import mlflow
     import optuna
 
     client = mlflow.MlflowClient(mlflow_server)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    for round_ in range(10):
+    for round_ in range(4):
         name = f"expforge_round_{uuid.uuid4().hex[:8]}"
         _admin(f"CREATE DATABASE {name}")
         try:

@@ -293,9 +293,9 @@ def test_cli_study_logging_every_model(tmp_path: Path, workers: int) -> None:
 def test_a_worker_killed_mid_trial_leaves_no_run_behind(tmp_path: Path) -> None:
     """SIGKILL of one of two workers: the other finishes the budget, the killed trial's run
     ends KILLED, and what the dead worker had handed to the writer is written."""
-    # Trials of ~1 s, so that the kill lands in one of them.
-    args = _cli(tmp_path, "model=rf", "search_space.model.n_estimators.low=800",
-                "search_space.model.n_estimators.high=1000", "search.n_trials=5",
+    # Trials of ~0.5 s, so that the kill lands in one of them.
+    args = _cli(tmp_path, "model=rf", "search_space.model.n_estimators.low=400",
+                "search_space.model.n_estimators.high=500", "search.n_trials=4",
                 "search.n_workers=2", "search.plots=false")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     journal = tmp_path / "s.journal"
@@ -316,7 +316,7 @@ def test_a_worker_killed_mid_trial_leaves_no_run_behind(tmp_path: Path) -> None:
     os.kill(victim.user_attrs["expforge.pid"], signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    _assert_budget_exact(tmp_path, 5)
+    _assert_budget_exact(tmp_path, 4)
     c = client(f"sqlite:///{tmp_path}/mlflow.db")
     study = load(journal, "cli")
     exp_id = c.get_experiment_by_name("expforge").experiment_id
