@@ -96,7 +96,9 @@ def print_summary(result: Any) -> None:
 
     metrics = result.metrics
     names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith("train_")})
-    table = Table(title=f"run {result.run_id}", title_justify="left")
+    title = (f"reused run {result.run_id} (tracking.reuse: FINISHED with the same config and "
+             "data; nothing trained)" if result.reused else f"run {result.run_id}")
+    table = Table(title=title, title_justify="left")
     table.add_column("split")
     for name in names:
         table.add_column(name, justify="right")

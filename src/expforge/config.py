@@ -256,6 +256,7 @@ class TrackingSchema:
     retry_s: float = field(default=120, metadata={"fix": "give seconds > 0",
                                                   "check": lambda v: v > 0})
     system_metrics: bool = field(default=False, metadata={"fix": "give true or false"})
+    reuse: bool = field(default=False, metadata={"fix": "give true or false"})
 
 
 SCHEMAS: dict[str, type] = {"search": SearchSchema, "tracking": TrackingSchema}

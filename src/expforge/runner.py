@@ -83,6 +83,7 @@ class RunResult:
     value: float
     tracking_uri: str = ""
     model_uri: str | None = None
+    reused: bool = False  # tracking.reuse found this FINISHED run: nothing was trained
 
 
 def objective_of(plain: Mapping[str, Any], task: str) -> Objective:
@@ -141,6 +142,11 @@ def run_one(
     try:
         if experiment_id is None:
             experiment_id = store.connect(settings)
+        if settings.reuse and own:  # a single run or a sweep's job, never a trial
+            found = _reused(plain, dataset, objective, settings, experiment_id, store,
+                            parent_run_id)
+            if found is not None:
+                return found, None
         run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
         want_model = settings.log_model if log_model is None else log_model
         want_plots = settings.log_plots if log_plots is None else log_plots
@@ -163,6 +169,28 @@ def run_one(
             store.close()
     return RunResult(record.run_id, experiment_id, record.metrics, objective,
                      float(record.metrics[objective.metric]), settings.uri, model_uri), model
+
+
+def _reused(plain: Mapping[str, Any], dataset: Dataset, objective: Objective,
+            settings: TrackingSettings, experiment_id: str, store: Store,
+            parent_run_id: str | None) -> RunResult | None:
+    """``tracking.reuse=true``: the FINISHED run of the same config hash and dataset digest
+    in this experiment, if there is one; a sweep's parent lists it among its jobs."""
+    from expforge.tracking import queries, reader
+
+    client = reader(settings.uri)
+    twin = queries.finished_twin(client, experiment_id, config_mod.config_hash(plain),
+                                 dataset.digest)
+    if twin is None or objective.metric not in twin.data.metrics:
+        return None
+    if parent_run_id:
+        store.write(RunRecord(parent_run_id, status=None,
+                              tags={f"{queries.REUSED}{twin.info.run_id}": "true"}))
+    metrics = {k: float(v) for k, v in twin.data.metrics.items()}
+    model_uri = queries.logged_models(client, experiment_id, twin.info.run_id).get(
+        twin.info.run_id)
+    return RunResult(twin.info.run_id, experiment_id, metrics, objective,
+                     metrics[objective.metric], settings.uri, model_uri, reused=True)
 
 
 def _tags(plain: Mapping[str, Any], context: RunContext, dataset: Dataset,

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 
 from expforge.config import mask_overrides
 from expforge.metrics import ranking_key
-from expforge.process import guarded, quiet_optuna
+from expforge.process import guarded, quiet_optuna, terminate_as_interrupt
 from expforge.tracking import RunRecord, Store, TrackingSettings, open_store, queries, reader
 
 __all__ = ["ENV_PARENT", "SweepParent"]
@@ -41,6 +41,9 @@ class SweepParent(Callback):
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         guarded(lambda: self._start(config))
+        # SIGTERM between two jobs would end the launcher without its exit handlers, and the
+        # parent run would stay RUNNING: it raises KeyboardInterrupt, as inside a job.
+        terminate_as_interrupt()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         guarded(lambda: self._end(config))
@@ -75,7 +78,7 @@ class SweepParent(Callback):
         record = RunRecord(parent_id)
         swept = _swept(config, jobs)
         if jobs:
-            record.texts["jobs.csv"] = _jobs_table(jobs, swept).to_csv(index=False)
+            record.texts["jobs.csv"] = _jobs_table(jobs, swept, parent_id).to_csv(index=False)
         best = _best_jobs(jobs)
         for metric, run in best.items():
             suffix = "" if len(best) == 1 else f".{metric}"  # jobs of different tasks
@@ -118,12 +121,14 @@ def _swept(config: Any, jobs: list[Any]) -> dict[str, list[str]]:
     return swept
 
 
-def _jobs_table(jobs: list[Any], swept: dict[str, list[str]]) -> Any:
-    """One row per job: its run, status, the swept keys' values and its metrics."""
+def _jobs_table(jobs: list[Any], swept: dict[str, list[str]], parent_id: str) -> Any:
+    """One row per job: its run, status, whether it was reused (a run of an earlier sweep,
+    ``tracking.reuse``), the swept keys' values and its metrics."""
     import pandas as pd
 
     return pd.DataFrame([{"run_id": r.info.run_id, "run_name": r.info.run_name,
                           "status": r.info.status,
+                          "reused": r.data.tags.get("mlflow.parentRunId") != parent_id,
                           **{k: r.data.tags[k] for k in ("model", "data") if k in r.data.tags},
                           **{k: values[i] for k, values in swept.items()},
                           **dict(sorted(r.data.metrics.items()))}
@@ -142,7 +147,7 @@ def _attach_report(store: Any, parent: Any, jobs: list[Any], swept: dict[str, li
     from expforge.runner import attach_figures
     from expforge.search.page import write_report
 
-    table = _jobs_table(jobs, swept)
+    table = _jobs_table(jobs, swept, parent.info.run_id)
     figures: dict[str, Any] = {}
     facts = {"sweep": str(parent.data.tags.get("hydra.overrides", "")),
              "jobs": f"{sum(r.info.status == 'FINISHED' for r in jobs)} finished of "

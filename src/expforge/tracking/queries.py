@@ -12,8 +12,19 @@ from typing import Any
 from expforge.config import mask_uri
 from expforge.errors import RegistryError, TrackingError, first_line
 
-__all__ = ["child_runs", "experiment_id_of", "latest_parents", "logged_models", "read_text",
-           "run_of", "running_parents", "running_trial_runs", "search_all"]
+__all__ = [
+    "REUSED",
+    "child_runs",
+    "experiment_id_of",
+    "finished_twin",
+    "latest_parents",
+    "logged_models",
+    "read_text",
+    "run_of",
+    "running_parents",
+    "running_trial_runs",
+    "search_all",
+]
 
 PARENT_ROLES = ("study", "sweep")
 
@@ -83,10 +94,29 @@ def logged_models(client: Any, experiment_id: str, run_id: str | None = None,
             return by_run
 
 
+REUSED = "expforge.reused."  # a sweep parent's tag per job it reused: expforge.reused.<run id>
+
+
 def child_runs(client: Any, experiment_id: str, parent_id: str) -> list[Any]:
-    """The runs directly under ``parent_id``, oldest first."""
-    return list(client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+    """The runs directly under ``parent_id``, oldest first, and the FINISHED runs a sweep
+    reused as its jobs (``tracking.reuse``: they hang under the sweep that made them)."""
+    runs = list(client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                                    order_by=["attributes.start_time ASC"]))
+    tags = client.get_run(parent_id).data.tags
+    reused = [client.get_run(k[len(REUSED):]) for k in sorted(tags) if k.startswith(REUSED)]
+    return reused + runs
+
+
+def finished_twin(client: Any, experiment_id: str, config_hash: str, digest: str) -> Any:
+    """The newest FINISHED run that trained the same config on the same data (a single run
+    or a sweep's job: not a study's parent or trial), or None."""
+    for r in client.search_runs(
+            [experiment_id], f"tags.config_hash = '{config_hash}' and tags.dataset_digest = "
+                             f"'{digest}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=20):
+        if r.data.tags.get("expforge.role") in (None, "run"):
+            return r
+    return None
 
 
 def latest_parents(client: Any, experiment_id: str) -> list[Any]:
@@ -105,6 +135,9 @@ def latest_parents(client: Any, experiment_id: str) -> list[Any]:
 def descendants(client: Any, experiment_id: str, parent: str) -> list[Any]:
     """The FINISHED runs under ``parent``; a study under a sweep contributes its trials."""
     runs = []
+    tags = client.get_run(parent).data.tags
+    runs += [r for k in sorted(tags) if k.startswith(REUSED)
+             if (r := client.get_run(k[len(REUSED):])).info.status == "FINISHED"]
     for r in search_all(client, experiment_id, f"tags.mlflow.parentRunId = '{parent}'"):
         if r.data.tags.get("expforge.role") in PARENT_ROLES:
             runs.extend(descendants(client, experiment_id, r.info.run_id))

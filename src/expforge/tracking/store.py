@@ -48,6 +48,7 @@ class TrackingSettings:
     writer: str = "auto"
     retry_s: float = 120.0
     system_metrics: bool = False
+    reuse: bool = False
 
     @classmethod
     def from_config(cls, tracking: Mapping[str, Any]) -> TrackingSettings:
@@ -69,6 +70,7 @@ class TrackingSettings:
             writer=writer,
             retry_s=float(tracking.get("retry_s") or 120.0),
             system_metrics=bool(tracking.get("system_metrics", False)),
+            reuse=bool(tracking.get("reuse", False)),
         )
 
 
