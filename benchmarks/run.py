@@ -152,8 +152,10 @@ def overhead(store: Path, sizes: tuple[int, ...], reps: int, table: Table) -> di
             "c_slope_ms": (slope["c"] - slope["a"]) * 1000}
 
 
-def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table) -> None:
-    """XGBoost, one thread per worker: 2 workers against 1, and a joblib multirun."""
+def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table,
+             multirun_too: bool = True) -> None:
+    """XGBoost, one thread per worker: 2 workers against 1, and a joblib multirun (not in the
+    smoke run: tests/test_experiments.py runs the joblib launcher)."""
     # The same work in every trial of every contender: the space keeps only the parameters
     # that leave a fit's cost alone (learning_rate, reg_lambda). With subsample and
     # colsample_bytree in it, the two workers' seeds drew other values than the one worker's
@@ -192,17 +194,21 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
             cmd = search(int(workers))
             times[workers].append(run(cmd).wall_s)
             spans[workers].append(_span(store, cmd))
-        times["joblib"].append(run(multirun()).wall_s)
-    med = {k: statistics.median(v) for k, v in times.items()}
+        if multirun_too:
+            times["joblib"].append(run(multirun()).wall_s)
+    med = {k: statistics.median(v) for k, v in times.items() if v}
     span = {k: statistics.median(v) for k, v in spans.items()}
     table.add(f"search.n_workers=1, {n_trials} trials", f"{med['1']:.2f} s")
     table.add(f"search.n_workers=2, {n_trials} trials", f"{med['2']:.2f} s")
-    table.add(f"joblib multirun, 2 jobs at a time, {multirun_jobs} runs", f"{med['joblib']:.2f} s")
+    if multirun_too:
+        table.add(f"joblib multirun, 2 jobs at a time, {multirun_jobs} runs",
+                  f"{med['joblib']:.2f} s")
     table.add("throughput n_workers=2 / n_workers=1, end to end", f"{med['1'] / med['2']:.2f}x")
     table.add("throughput n_workers=2 / n_workers=1, while trials run (first start to "
               "last end)", f"{span['1'] / span['2']:.2f}x ({span['1']:.2f} s / {span['2']:.2f} s)")
-    table.add("throughput n_workers=2 / joblib multirun (per trial)",
-              f"{(med['joblib'] / multirun_jobs) / (med['2'] / n_trials):.2f}x")
+    if multirun_too:
+        table.add("throughput n_workers=2 / joblib multirun (per trial)",
+                  f"{(med['joblib'] / multirun_jobs) / (med['2'] / n_trials):.2f}x")
     table.add("ceiling: two bare XGBoost fits side by side / one after the other",
               f"{_ceiling(n_samples):.2f}x")
 
@@ -381,7 +387,7 @@ def main() -> None:
             tables.append(Table("Parallel throughput (xgb, 1 thread per worker)"))
             print(tables[-1].title, flush=True)
             parallel(store, 2000 if args.smoke else 20000, 2 if args.smoke else 16, reps,
-                     tables[-1])
+                     tables[-1], multirun_too=not args.smoke)
         if "writer" in sections:
             tables.append(Table("Writer process against the in-process store"))
             print(tables[-1].title, flush=True)

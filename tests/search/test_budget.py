@@ -83,9 +83,9 @@ def test_the_timeout_is_the_whole_commands_across_its_workers(tmp_path: Path) ->
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     workers = {t.user_attrs["expforge.pid"] for t in _finished(study)}
     assert len(workers) == 2 and 2 <= len(_finished(study)) < 1000
-    # The workers started after the command: they end at its deadline, not 6 s after their
-    # own start (a trial takes well under a second; the command's start-up and end, ~10 s).
+    # One deadline for both workers, from when the trials could start: not 6 s after each
+    # worker's own first trial (a trial takes well under a second).
     last = max(t.datetime_complete for t in study.trials).timestamp()
     first = min(t.datetime_start for t in study.trials).timestamp()
-    assert last - first < 6 and took < 40
+    assert last - first < 6 + 2 and took < 90
     assert _parent(tmp_path).data.tags["stop_reason"] == "timeout"

@@ -127,14 +127,16 @@ def _target_or_patience(settings: SearchSettings, study: Any, since: float) -> S
                 return Stop("target", f"search.target={settings.target:g} reached: "
                                       f"{t.value:.6g} (trial {t.number})")
     if settings.patience is not None:
-        best = None
-        with_value = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-        for t in sorted(with_value, key=lambda t: t.datetime_complete):
+        best = None  # the first trial, in the order they finished, to reach the best value
+        for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                        key=lambda t: t.datetime_complete):
             if best is None or better(t.value, best.value, direction):
                 best = t
-        start = max(since, best.datetime_complete.timestamp()) if best is not None else since
+        if best is None:
+            return None
+        start = max(since, best.datetime_complete.timestamp())
         stale = sum(1 for t in finished if t.datetime_complete.timestamp() > start)
-        if best is not None and stale >= settings.patience:
+        if stale >= settings.patience:
             return Stop("patience", f"search.patience={settings.patience}: no better value "
                                     f"than {best.value:.6g} (trial {best.number}) in the "
                                     f"{stale} trials since")

@@ -15,7 +15,6 @@ whole picture.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -56,7 +55,6 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
                sweep_parent_run_id: str | None = None) -> SearchResult:
     """Run the study to its budget. In a multirun sweep the study's parent run hangs under
     the sweep's parent run."""
-    started = time.time()  # search.timeout counts from here, for every worker
     context = context or RunContext()
     plain, context = with_fixed(plain, context)  # a sweeper's fixed values in the space
     tracking = TrackingSettings.from_config(plain["tracking"])
@@ -80,8 +78,7 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
         store.close()
         raise
     job = Job(plain, context, dataset, settings, params, tracking, store,
-              sweep_parent_run_id=sweep_parent_run_id,
-              deadline=started + settings.timeout if settings.timeout else math.inf)
+              sweep_parent_run_id=sweep_parent_run_id)
     try:
         workers: list[Worker] = []
         if settings.n_workers > 1:
@@ -161,8 +158,11 @@ def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
         job.parent_run_id, _ = open_parent_run(job, study)
         done_before = counts(study).done
         with job.store.ended(job.parent_run_id), _stop_tagged(job):
+            # search.timeout counts from here, when the trials can start, for every worker.
+            if settings.timeout:
+                job.deadline = time.time() + settings.timeout
             for w in workers:
-                w.channel.send((job.parent_run_id, job.experiment_id))
+                w.channel.send((job.parent_run_id, job.experiment_id, job.deadline))
             released = True
             with Progress(settings, study) as progress:
                 objective = None

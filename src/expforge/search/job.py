@@ -44,7 +44,7 @@ class Job:
     parent_run_id: str = ""
     experiment_id: str = ""
     sweep_parent_run_id: str | None = None
-    deadline: float = math.inf  # time.time() when search.timeout ends, for every worker
+    deadline: float = math.inf  # time.time() when search.timeout ends: the same in each worker
 
     @property
     def model_name(self) -> str:

@@ -62,7 +62,7 @@ def _worker_main(job: Job, index: int, channel: Any, command_ends: list[Any]) ->
         sys.exit(1)
     if message is None:
         sys.exit(0)
-    job.parent_run_id, job.experiment_id = message
+    job.parent_run_id, job.experiment_id, job.deadline = message
     terminate_as_interrupt()
     from threadpoolctl import threadpool_limits
 
