@@ -20,7 +20,8 @@ def test_reproduce_gives_identical_metrics_then_warns_when_data_changed(tmp_path
                           "price": rng.normal(size=200)})
     frame.to_csv(data, index=False)
     args = ["data=tabular", f"data.path={data}", "data.target=price", "model=rf",
-            "model.n_estimators=20", "model.n_jobs=1", "tracking.log_plots=false"]
+            "model.n_estimators=20", "model.n_jobs=1", "tracking.log_plots=false",
+            "tracking.reuse=true"]  # recorded in its config: a reproduction trains anyway
     done = run_cli(*args, *_store(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     c = client(f"sqlite:///{tmp_path}/mlflow.db")

@@ -57,9 +57,8 @@ def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
            ) -> StudyResult:
     """The Optuna study of the composed config (``search=optuna`` unless another search is
     given), registered afterwards when ``register.enabled=true``."""
-    import optuna
-
     from expforge.search import run_search
+    from expforge.search.study import load_existing
 
     given = list(overrides)
     if not any(o.lstrip("+~").startswith("search=") for o in given):
@@ -70,12 +69,7 @@ def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
         from expforge.registry import register_after
 
         register_after(plain, found.parent_run_id)
-    storage: Any = found.storage
-    if "://" not in storage:
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = optuna.storages.JournalStorage(JournalFileBackend(storage))
-    study = optuna.load_study(study_name=found.study_name, storage=storage)
+    study = load_existing(found.storage, found.study_name)
     try:
         best_params = dict(study.best_trial.params)
     except ValueError:  # no COMPLETE trial, or several objectives

@@ -65,7 +65,8 @@ def reproduce_run(run_id: str, current: Mapping[str, Any]) -> Reproduction:
     cfg["search"] = {"name": "none"}  # a trial is reproduced as the single run it was
     cfg["tracking"] = {**cfg["tracking"], "uri": tracking.uri,
                        "artifact_root": tracking.artifact_root,
-                       "run_name": f"reproduce-{source.info.run_name}"}
+                       "run_name": f"reproduce-{source.info.run_name}",
+                       "reuse": False}  # a reproduction trains again, by definition
     cfg["paths"] = {**cfg.get("paths", {}), **current["paths"]}
     tags = source.data.tags
     context = RunContext(choices={k: tags[k] for k in ("model", "data") if k in tags})

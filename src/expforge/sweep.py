@@ -74,11 +74,12 @@ class SweepParent(Callback):
         tracking = TrackingSettings.from_config(_section(config, "tracking"))
         client = reader(tracking.uri)
         parent = client.get_run(parent_id)
-        jobs = queries.child_runs(client, parent.info.experiment_id, parent_id)
+        jobs = queries.child_runs(client, parent)
         record = RunRecord(parent_id)
         swept = _swept(config, jobs)
-        if jobs:
-            record.texts["jobs.csv"] = _jobs_table(jobs, swept, parent_id).to_csv(index=False)
+        table = _jobs_table(jobs, swept, parent_id) if jobs else None
+        if table is not None:
+            record.texts["jobs.csv"] = table.to_csv(index=False)
         best = _best_jobs(jobs)
         for metric, run in best.items():
             suffix = "" if len(best) == 1 else f".{metric}"  # jobs of different tasks
@@ -91,8 +92,8 @@ class SweepParent(Callback):
         self._store = None
         try:
             store.write(record)
-            if jobs and tracking.log_plots and not aborted:
-                report = _attach_report(store, parent, jobs, swept, best,
+            if table is not None and tracking.log_plots and not aborted:
+                report = _attach_report(store, parent, jobs, table, swept, best,
                                         str(config.hydra.sweep.dir), tracking)
                 print(f"sweep report: {report}")
         finally:
@@ -135,8 +136,9 @@ def _jobs_table(jobs: list[Any], swept: dict[str, list[str]], parent_id: str) ->
                          for i, r in enumerate(jobs)])
 
 
-def _attach_report(store: Any, parent: Any, jobs: list[Any], swept: dict[str, list[str]],
-                   best: dict[str, Any], folder: str, tracking: TrackingSettings) -> str:
+def _attach_report(store: Any, parent: Any, jobs: list[Any], table: Any,
+                   swept: dict[str, list[str]], best: dict[str, Any], folder: str,
+                   tracking: TrackingSettings) -> str:
     """The sweep report on the parent run, and a copy in the sweep's output folder; the
     copy's path. Its figures are Optuna's, of a study made of the finished jobs of the first
     objective (the swept keys as params)."""
@@ -147,7 +149,6 @@ def _attach_report(store: Any, parent: Any, jobs: list[Any], swept: dict[str, li
     from expforge.runner import attach_figures
     from expforge.search.page import write_report
 
-    table = _jobs_table(jobs, swept, parent.info.run_id)
     figures: dict[str, Any] = {}
     facts = {"sweep": str(parent.data.tags.get("hydra.overrides", "")),
              "jobs": f"{sum(r.info.status == 'FINISHED' for r in jobs)} finished of "

@@ -99,7 +99,8 @@ def finish(job: Job, study: Any, objective: TrialObjective | None,
     done = counts(study)
     if not (objective is not None and objective.flush_best()):
         _log_lost_best_model(job, study)
-    table = top_trials(study, settings)
+    ranked = top_trials(study, settings, limit=max(REPORT_ROWS, settings.top_k))
+    table = None if ranked is None else ranked.head(settings.top_k)
     stop = stop_rule(settings, study, done, job.deadline, since_of(settings, study))
     if stop is not None:
         record_stop(settings, study, stop)
@@ -108,7 +109,7 @@ def finish(job: Job, study: Any, objective: TrialObjective | None,
         metrics={"n_complete": done.complete, "n_pruned": done.pruned, "n_failed": done.failed},
         tags={"stop_reason": stop.reason} if stop is not None else {},
         texts={} if table is None else {"top_trials.csv": table.to_csv(index=False)}))
-    report = _attach_report(job, study, done) if settings.plots else None
+    report = _attach_report(job, study, done, ranked) if settings.plots else None
     print_report(settings, done, table, job.parent_run_id, report,
                  ui_command(job.tracking.uri, job.experiment_id),
                  stop=stop, already=done.done == done_before)
@@ -117,9 +118,10 @@ def finish(job: Job, study: Any, objective: TrialObjective | None,
     return float(study.best_value)
 
 
-def _attach_report(job: Job, study: Any, done: Counts) -> str:
-    """Optuna's figures and the study report on the parent run; where the report can be
-    opened (a copy in Hydra's output folder of the command, when there is one)."""
+def _attach_report(job: Job, study: Any, done: Counts, ranked: Any) -> str:
+    """Optuna's figures and the study report (``ranked``: the best trials, its leaderboard)
+    on the parent run; where the report can be opened (a copy in Hydra's output folder of the
+    command, when there is one)."""
     from expforge.plots import study_figures
 
     settings = job.settings
@@ -144,7 +146,7 @@ def _attach_report(job: Job, study: Any, done: Counts) -> str:
 
     def add(folder: Path) -> None:
         page = write_report(folder, list(figures), f"Study {settings.study_name}", facts,
-                            top_trials(study, settings, limit=REPORT_ROWS))
+                            ranked)
         if copy is not None:
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(page, copy)

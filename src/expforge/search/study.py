@@ -19,8 +19,8 @@ from expforge.search.settings import SearchSettings
 from expforge.search.space import Param, grid_of
 from expforge.tracking import Store
 
-__all__ = ["journal_damage", "keep_purpose", "open_study", "pruner", "purpose_of", "repair_journal",
-           "sampler"]
+__all__ = ["journal_damage", "keep_purpose", "load_existing", "open_study", "pruner",
+           "purpose_of", "repair_journal", "sampler"]
 
 
 def open_study(settings: SearchSettings, params: list[Param], index: int, store: Store,
@@ -192,6 +192,20 @@ def journal_damage(path: Path) -> str | None:
                         f"or keep its first {number - 1} lines (head -n {number - 1}) to keep "
                         "the trials recorded before it, or start a new search.study_name")
     return None
+
+
+def load_existing(storage: str, study_name: str) -> Any:
+    """An existing study, to read (the Python API's result, a warm start's source):
+    ``storage`` is a journal file or a database URL. ``KeyError`` where it has no such
+    study; nothing is created."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    if "://" in storage:
+        opened: Any = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+    else:
+        opened = optuna.storages.JournalStorage(JournalFileBackend(storage))
+    return optuna.load_study(study_name=study_name, storage=opened)
 
 
 def _storage(settings: SearchSettings, on_stale: FailedTrialRun) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 from expforge import config as config_mod
 from expforge.errors import SearchError
 from expforge.search.space import Param
+from expforge.search.study import load_existing
 from expforge.tracking import reader
 
 __all__ = ["check_enqueued", "enqueue_first", "warm_start_configs"]
@@ -93,8 +94,6 @@ def _source_study(source: str, storage: str | None, settings_storage: str,
                   tracking_uri: str) -> Any:
     """The earlier study: named in ``storage`` (given), this study's storage, or the default
     journal file of that name beside this study's; or the study of a parent run."""
-    import optuna
-
     if RUN_ID.match(source):
         tags = _run_tags(source, tracking_uri)
         name = tags.get("optuna.study_name")
@@ -114,7 +113,7 @@ def _source_study(source: str, storage: str | None, settings_storage: str,
         if place is None or ("://" not in place and not Path(place).is_file()):
             continue
         try:
-            return optuna.load_study(study_name=source, storage=_storage(place))
+            return load_existing(place, source)
         except KeyError:
             continue
     where = " or ".join(config_mod.mask_uri(p) for p in places if p)
@@ -131,16 +130,6 @@ def _run_tags(run_id: str, tracking_uri: str) -> dict[str, str]:
         raise SearchError(f"search.warm_start.from={run_id} is not a run of tracking.uri="
                           f"{config_mod.mask_uri(tracking_uri)}; give a study's parent run id "
                           "or a study name") from exc
-
-
-def _storage(place: str) -> Any:
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if "://" in place:
-        return optuna.storages.RDBStorage(place, skip_table_creation=True)
-    return JournalStorage(JournalFileBackend(place))
 
 
 def _inside(d: Any, value: Any) -> bool:

@@ -137,7 +137,9 @@ class LocalStore(Store):
             self._context = context_tags()
 
     def close(self) -> None:
-        if self._system is not None:
+        # A store that stopped answering would keep each monitor's last write waiting for
+        # tracking.retry_s: their daemon threads end with the process instead.
+        if self._system is not None and self._gone is None:
             self._system.close()
 
     def for_client(self, client: int) -> Store:

@@ -97,12 +97,13 @@ def logged_models(client: Any, experiment_id: str, run_id: str | None = None,
 REUSED = "expforge.reused."  # a sweep parent's tag per job it reused: expforge.reused.<run id>
 
 
-def child_runs(client: Any, experiment_id: str, parent_id: str) -> list[Any]:
-    """The runs directly under ``parent_id``, oldest first, and the FINISHED runs a sweep
+def child_runs(client: Any, parent: Any) -> list[Any]:
+    """The runs directly under the run ``parent``, oldest first, after the runs a sweep
     reused as its jobs (``tracking.reuse``: they hang under the sweep that made them)."""
-    runs = list(client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+    runs = list(client.search_runs([parent.info.experiment_id],
+                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                    order_by=["attributes.start_time ASC"]))
-    tags = client.get_run(parent_id).data.tags
+    tags = parent.data.tags
     reused = [client.get_run(k[len(REUSED):]) for k in sorted(tags) if k.startswith(REUSED)]
     return reused + runs
 

@@ -21,8 +21,8 @@ __all__ = ["WRITERS", "TrackingSettings", "check_reachable", "connect", "load_st
            "quiet_http_client", "ui_command"]
 
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-# The MLflow UI opens an experiment in its GenAI view unless it is tagged as classical
-# training (the value its code reads for "Model training").
+# Classical training, for MLflow UIs that read the experiment's kind from this tag (3.17.2's
+# does not: see TRAINING_VIEW).
 KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow 3.17.2's UI decides between its GenAI and its training views by a setting of the
 # browser (default GenAI), not by that tag; an address can ask for the training view.
