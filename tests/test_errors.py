@@ -34,6 +34,9 @@ def files(tmp_path: Path) -> dict[str, Path]:
         out["nan"], index=False)
     pd.DataFrame({"when": ["2021-01-01"] * 4, "y": [1.0, 2.0, 3.0, 4.0]}).to_csv(
         out["nofeat"], index=False)
+    out["fewclass"] = tmp_path / "fewclass.csv"  # 3 rows of class "rare" among 60
+    pd.DataFrame({"x": range(60), "shop": ["a", "b", "c"] * 20,
+                  "y": ["rare"] * 3 + ["common"] * 57}).to_csv(out["fewclass"], index=False)
     pd.read_csv(out["nofeat"], parse_dates=["when"]).to_parquet(tmp_path / "nofeat.parquet")
     out["nofeat"] = tmp_path / "nofeat.parquet"
     return out
@@ -98,6 +101,18 @@ CASES = {
     "unknown-warm-start-source": (
         ["search=optuna", "model=linear", "search.warm_start.from=nope"],
         "error: search.warm_start.from=nope is neither a study in "),
+    "fewer-than-two-folds": (["cv=kfold", "cv.folds=1"],
+                             "error: cv.folds=1 is invalid; give a whole number >= 2 (cv=none "
+                             "keeps one validation split)"),
+    "more-folds-than-rows-of-a-class": (
+        ["data=tabular", "data.path={fewclass}", "data.target=y", "cv=kfold", "cv.folds=5"],
+        "error: cv.folds=5 is more folds than the 2 row(s) of class 'rare' in the 48 train and "
+        "val rows; lower cv.folds (each fold needs a row of every class) or use more data"),
+    "group-column-that-does-not-exist": (
+        ["data=tabular", "data.path={fewclass}", "data.target=y", "cv=group",
+         "cv.groups=store"],
+        "error: cv.groups=store is not a column of data.path={fewclass}; choose one of: x, "
+        "shop, y"),
     "unknown-sampler": (["search=optuna", "search.sampler._target_=optuna.samplers.Nope"],
                         "error: search.sampler._target_=optuna.samplers.Nope cannot be built"),
     "blocked-target": (["model.regressor._target_=os.system"],
@@ -190,6 +205,8 @@ def test_a_study_refuses_another_model_space_or_objective(tmp_path: Path) -> Non
         (["search_space.model.n_estimators.log=false"],
          "search_space.model.n_estimators=int(10, 300, log=True), not int(10, 300)"),
         (["metric=val_mae"], "the objective val_rmse (minimize), not val_mae (minimize)"),
+        (["cv=kfold", "cv.folds=3"], "the objective val_rmse (minimize), not cv_val_rmse_mean "
+                                     "(minimize); the folds cv=none, not cv=kfold folds=3"),
     ]:
         done = run_cli(*store, *change, timeout=60)
         assert done.returncode == 1

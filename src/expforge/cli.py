@@ -95,7 +95,9 @@ def print_summary(result: Any) -> None:
     from expforge.tracking import ui_command
 
     metrics = result.metrics
-    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith("train_")})
+    folds = {k[len("cv_val_"):-len("_mean")] for k in metrics
+             if k.startswith("cv_val_") and k.endswith("_mean")}
+    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith("train_")} | folds)
     title = (f"reused run {result.run_id} (tracking.reuse: FINISHED with the same config and "
              "data; nothing trained)" if result.reused else f"run {result.run_id}")
     table = Table(title=title, title_justify="left")
@@ -103,8 +105,13 @@ def print_summary(result: Any) -> None:
     for name in names:
         table.add_column(name, justify="right")
     for split in ("train", "val", "test"):
-        table.add_row(split, *(f"{metrics.get(f'{split}_{n}', float('nan')):.4g}"
-                               for n in names))
+        if split == "val" and folds:  # cross-validated: the folds' scores stand for val
+            table.add_row("val (folds)", *(
+                f"{metrics.get(f'cv_val_{n}_mean', float('nan')):.4g} ± "
+                f"{metrics.get(f'cv_val_{n}_std', float('nan')):.2g}" for n in names))
+        elif any(k.startswith(f"{split}_") for k in metrics):
+            table.add_row(split, *(f"{metrics.get(f'{split}_{n}', float('nan')):.4g}"
+                                   for n in names))
     console = Console()
     console.print(table)
     console.print(

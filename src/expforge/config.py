@@ -20,6 +20,7 @@ from expforge.errors import ConfigError, first_line
 
 __all__ = [
     "PARAM_VALUE_LIMIT",
+    "CVSchema",
     "SearchSchema",
     "TrackingSchema",
     "check_target",
@@ -116,8 +117,11 @@ def param_values(tree: Mapping[str, Any], exclude: Iterable[str] = ()) -> dict[s
 
 
 def config_hash(plain: Mapping[str, Any]) -> str:
-    """A short hash of what is computed (locations excluded): equal hash, equal experiment."""
+    """A short hash of what is computed (locations excluded): equal hash, equal experiment.
+    ``cv=none`` is left out, so runs recorded before the ``cv`` group keep their hash."""
     content = {k: v for k, v in plain.items() if k not in LOCATION_KEYS}
+    if (content.get("cv") or {}).get("name", "none") == "none":
+        content.pop("cv", None)
     blob = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -259,18 +263,35 @@ class TrackingSchema:
     reuse: bool = field(default=False, metadata={"fix": "give true or false"})
 
 
-SCHEMAS: dict[str, type] = {"search": SearchSchema, "tracking": TrackingSchema}
+@dataclass
+class CVSchema:
+    """``cfg.cv`` (conf/cv/*.yaml hold each strategy's defaults)."""
+
+    name: str = field(default="none", metadata=_choice("none", "kfold", "repeated", "group",
+                                                       "time", "splitter"))
+    folds: int = field(default=5, metadata={
+        "fix": "give a whole number >= 2 (cv=none keeps one validation split)",
+        "check": lambda v: v >= 2})
+    repeats: int = field(default=3, metadata=_WHOLE)
+    groups: str | None = None
+    order_by: str | None = None
+    splitter: dict[str, Any] | None = None
+    refit: bool = field(default=True, metadata={"fix": "give true or false"})
+
+
+SCHEMAS: dict[str, type] = {"search": SearchSchema, "tracking": TrackingSchema, "cv": CVSchema}
 
 
 def register_schemas() -> None:
-    """The schemas in Hydra's ConfigStore, as ``search/optuna_schema`` and
-    ``tracking/schema``: the config files put them first in their defaults list, so Hydra
+    """The schemas in Hydra's ConfigStore, as ``search/optuna_schema``, ``tracking/schema``
+    and ``cv/schema``: the config files put them first in their defaults list, so Hydra
     types every value as it composes."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(group="search", name="optuna_schema", node=SearchSchema)
     store.store(group="tracking", name="schema", node=TrackingSchema)
+    store.store(group="cv", name="schema", node=CVSchema)
 
 
 def checked(section: str, values: Mapping[str, Any]) -> dict[str, Any]:

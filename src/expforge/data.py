@@ -19,7 +19,7 @@ import pandas as pd
 
 from expforge.errors import DataError, first_line
 
-__all__ = ["TASKS", "Dataset", "Split", "load_data"]
+__all__ = ["ROW", "TASKS", "Dataset", "Split", "load_data"]
 
 TASKS = ("regression", "binary", "multiclass")
 _SKLEARN_DATASETS = ("diabetes", "breast_cancer", "wine")
@@ -30,14 +30,18 @@ _NYC_TAXI_COLUMNS = [
     "DOLocationID",
     "trip_distance",
 ]
+# Asked for in ``keep``: each row's position in the data as read (files in split order).
+ROW = "__row__"
 
 
 @dataclass(frozen=True)
 class Split:
-    """One split: raw feature rows and the target."""
+    """One split: raw feature rows and the target; ``meta``, the columns that ``load_data``
+    was asked to keep beside the features (cross-validation's groups or order)."""
 
     X: pd.DataFrame
     y: pd.Series
+    meta: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True)
@@ -69,22 +73,25 @@ class Dataset:
         return [*self.numeric, *self.categorical]
 
 
-def load_data(cfg: Mapping[str, Any], seed: int, root: str | Path = ".") -> Dataset:
+def load_data(cfg: Mapping[str, Any], seed: int, root: str | Path = ".",
+              keep: Mapping[str, str] | None = None) -> Dataset:
     """Load ``cfg`` (the plain ``data`` config) with splits seeded by ``seed``.
 
     Relative file paths are resolved against ``root`` (the project root), never the working
     directory, so a Hydra output folder or a test's cwd does not change what is read.
+    ``keep`` maps columns to hold in each split's ``meta`` (``ROW``: the row's position) to
+    the config key that names them, for the error when the data has no such column.
     """
-    loader = cfg.get("loader")
+    loader, keep = cfg.get("loader"), dict(keep or {})
     if loader == "sklearn":
         frame, target, source = _load_sklearn(cfg)
-        return _from_frame(cfg, frame, target, source, seed)
+        return _from_frame(cfg, frame, target, source, seed, _Kept(keep, f"data={cfg['name']}"))
     if loader == "synthetic":
-        return _load_synthetic(cfg, seed)
+        return _load_synthetic(cfg, seed, _Kept(keep, "data=synthetic"))
     if loader == "tabular":
-        return _load_tabular(cfg, seed, Path(root))
+        return _load_tabular(cfg, seed, Path(root), keep)
     if loader == "nyc_taxi":
-        return _load_nyc_taxi(cfg, Path(root))
+        return _load_nyc_taxi(cfg, Path(root), keep)
     raise DataError(
         f"data.loader={loader} is not a loader; choose one of: nyc_taxi, sklearn, synthetic, "
         "tabular (conf/data/)"
@@ -107,7 +114,7 @@ def _load_sklearn(cfg: Mapping[str, Any]) -> tuple[pd.DataFrame, str, str]:
     return bunch.frame, "target", f"sklearn.datasets.load_{name}"
 
 
-def _load_synthetic(cfg: Mapping[str, Any], seed: int) -> Dataset:
+def _load_synthetic(cfg: Mapping[str, Any], seed: int, kept: _Kept) -> Dataset:
     task = cfg.get("task", "regression")
     _check_task(task)
     n_samples, n_features = int(cfg["n_samples"]), int(cfg["n_features"])
@@ -133,7 +140,8 @@ def _load_synthetic(cfg: Mapping[str, Any], seed: int) -> Dataset:
     )
     parts = _split_indices(len(frame), cfg, seed, target if task != "regression" else None)
     return _finish(
-        cfg["name"], task, "target", frame, target, parts, tuple(columns), (), source, classes
+        cfg["name"], task, "target", frame, target, parts, tuple(columns), (), source, classes,
+        kept.of(frame),
     )
 
 
@@ -165,25 +173,28 @@ def _generate(cfg: Mapping[str, Any], task: str, seed: int, n_samples: int, n_fe
     return X, y, classes
 
 
-def _load_tabular(cfg: Mapping[str, Any], seed: int, root: Path) -> Dataset:
+def _load_tabular(cfg: Mapping[str, Any], seed: int, root: Path,
+                  keep: dict[str, str]) -> Dataset:
     target = cfg.get("target")
     if not target:
         raise DataError("data.target is not set; name the target column: data.target=<column>")
     paths = {k: cfg.get(f"{k}_path") for k in ("train", "val", "test")}
     if cfg.get("path"):
         frame = _read_table("data.path", cfg["path"], root)
-        return _from_frame(cfg, frame, target, str(_resolve(cfg["path"], root)), seed)
+        return _from_frame(cfg, frame, target, str(_resolve(cfg["path"], root)), seed,
+                           _Kept(keep, f"data.path={cfg['path']}"))
     if all(paths.values()):
         frames = {k: _read_table(f"data.{k}_path", p, root) for k, p in paths.items()}
         source = ",".join(str(_resolve(str(p), root)) for p in paths.values())
-        return _from_frames(cfg, frames, target, source)
+        return _from_frames(cfg, frames, target, source,
+                            _Kept(keep, f"data.train_path={paths['train']}"))
     raise DataError(
         "data.path is not set; give one file (data.path=...) or all of data.train_path, "
         "data.val_path and data.test_path"
     )
 
 
-def _load_nyc_taxi(cfg: Mapping[str, Any], root: Path) -> Dataset:
+def _load_nyc_taxi(cfg: Mapping[str, Any], root: Path, keep: dict[str, str]) -> Dataset:
     frames = {}
     for split in ("train", "val", "test"):
         key = f"data.{split}_path"
@@ -192,7 +203,7 @@ def _load_nyc_taxi(cfg: Mapping[str, Any], root: Path) -> Dataset:
     source = ",".join(str(_resolve(cfg[f"{s}_path"], root)) for s in ("train", "val", "test"))
     spec = {**cfg, "task": "regression", "features": {"numeric": ["trip_distance"],
                                                       "categorical": ["PU_DO"]}}
-    return _from_frames(spec, frames, "duration", source)
+    return _from_frames(spec, frames, "duration", source, _Kept(keep, "data=nyc_taxi"))
 
 
 def _taxi_features(df: pd.DataFrame, cfg: Mapping[str, Any], key: str) -> pd.DataFrame:
@@ -222,8 +233,31 @@ def _taxi_features(df: pd.DataFrame, cfg: Mapping[str, Any], key: str) -> pd.Dat
 # -- frames to a Dataset -------------------------------------------------------------------
 
 
+class _Kept:
+    """The columns ``load_data`` keeps beside the features, read from a raw frame."""
+
+    def __init__(self, keep: dict[str, str], where: str) -> None:
+        self.keep, self.where = keep, where
+
+    def of(self, frame: pd.DataFrame, start: int = 0) -> pd.DataFrame | None:
+        if not self.keep:
+            return None
+        columns: dict[str, Any] = {}
+        for column, key in self.keep.items():
+            if column == ROW:
+                columns[ROW] = np.arange(start, start + len(frame))
+            elif column in frame.columns:
+                columns[column] = frame[column].to_numpy()
+            else:
+                shown = ", ".join(map(str, frame.columns[:20]))
+                raise DataError(f"{key}={column} is not a column of {self.where}; choose one "
+                                f"of: {shown}")
+        return pd.DataFrame(columns)
+
+
 def _from_frame(
-    cfg: Mapping[str, Any], frame: pd.DataFrame, target: str, source: str, seed: int
+    cfg: Mapping[str, Any], frame: pd.DataFrame, target: str, source: str, seed: int,
+    kept: _Kept,
 ) -> Dataset:
     y = _checked_target(frame, target, "data.path")
     task = _task(cfg, y)
@@ -231,11 +265,13 @@ def _from_frame(
     numeric, categorical = _feature_types(cfg, frame, target)
     X = _prepare_features(frame, numeric, categorical)
     parts = _split_indices(len(X), cfg, seed, y if task != "regression" else None)
-    return _finish(cfg["name"], task, target, X, y, parts, numeric, categorical, source, classes)
+    return _finish(cfg["name"], task, target, X, y, parts, numeric, categorical, source, classes,
+                   kept.of(frame))
 
 
 def _from_frames(
-    cfg: Mapping[str, Any], frames: Mapping[str, pd.DataFrame], target: str, source: str
+    cfg: Mapping[str, Any], frames: Mapping[str, pd.DataFrame], target: str, source: str,
+    kept: _Kept,
 ) -> Dataset:
     ys = {k: _checked_target(f, target, f"data.{k}_path") for k, f in frames.items()}
     task = _task(cfg, ys["train"])
@@ -250,8 +286,10 @@ def _from_frames(
     sizes = [len(frames[k]) for k in ("train", "val", "test")]
     bounds = np.cumsum([0, *sizes])
     parts = [np.arange(bounds[i], bounds[i + 1]) for i in range(3)]
+    metas = [kept.of(frames[k], int(bounds[i])) for i, k in enumerate(("train", "val", "test"))]
+    meta = None if metas[0] is None else pd.concat(metas, ignore_index=True)
     return _finish(
-        cfg["name"], task, target, X, y_all, parts, numeric, categorical, source, classes
+        cfg["name"], task, target, X, y_all, parts, numeric, categorical, source, classes, meta
     )
 
 
@@ -266,12 +304,14 @@ def _finish(
     categorical: tuple[str, ...],
     source: str,
     classes: tuple[str, ...],
+    meta: pd.DataFrame | None = None,
 ) -> Dataset:
     splits = []
     for idx in parts:
         Xs = X.iloc[idx].reset_index(drop=True)
         ys = y.iloc[idx].reset_index(drop=True).rename(target)
-        splits.append(Split(Xs, ys))
+        kept = None if meta is None else meta.iloc[idx].reset_index(drop=True)
+        splits.append(Split(Xs, ys, kept))
     dataset = Dataset(
         name=name,
         task=task,

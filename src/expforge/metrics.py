@@ -9,8 +9,9 @@ import numpy as np
 
 from expforge.errors import ConfigError, ExpforgeError
 
-__all__ = ["DIRECTIONS", "better", "check_direction", "default_objective", "direction_of",
-           "metric_names", "ranking_key", "score", "score_split"]
+__all__ = ["DIRECTIONS", "base_metric", "better", "check_direction", "cv_metric",
+           "default_objective", "direction_of", "metric_names", "ranking_key", "score",
+           "score_split"]
 
 DIRECTIONS = ("minimize", "maximize")
 
@@ -28,15 +29,32 @@ def default_objective(task: str) -> tuple[str, str]:
     return ("val_rmse", "minimize") if task == "regression" else ("val_log_loss", "minimize")
 
 
-def metric_names(task: str) -> set[str]:
-    """Every metric a run of ``task`` logs."""
+def metric_names(task: str, cv: bool = False) -> set[str]:
+    """Every metric a run of ``task`` logs; with ``cv``, the folds' means and deviations
+    (``cv_val_rmse_mean``) too."""
     names = REGRESSION if task == "regression" else CLASSIFICATION
-    return {f"{split}_{n}" for split in ("train", "val", "test") for n in names} | {"fit_time_s"}
+    known = {f"{split}_{n}" for split in ("train", "val", "test") for n in names}
+    if cv:
+        known |= {f"cv_val_{n}_{stat}" for n in names for stat in ("mean", "std")}
+    return known | {"fit_time_s"}
+
+
+def cv_metric(metric: str) -> str:
+    """The objective of a cross-validated run for ``metric``: the folds' mean of a val
+    metric (``val_rmse`` -> ``cv_val_rmse_mean``); any other metric as it is."""
+    return f"cv_{metric}_mean" if metric.startswith("val_") else metric
+
+
+def base_metric(metric: str) -> str:
+    """The per-split metric behind a name: ``cv_val_rmse_mean`` -> ``val_rmse``."""
+    if metric.startswith("cv_") and metric.endswith(("_mean", "_std")):
+        return metric[3:].rsplit("_", 1)[0]
+    return metric
 
 
 def direction_of(metric: str) -> str:
-    """The natural direction of a metric name such as ``test_r2``."""
-    name = metric.split("_", 1)[-1]
+    """The natural direction of a metric name such as ``test_r2`` or ``cv_val_r2_mean``."""
+    name = base_metric(metric).split("_", 1)[-1]
     return "maximize" if name in _HIGHER_IS_BETTER else "minimize"
 
 
@@ -108,21 +126,24 @@ def score_split(
 _STACK_CELLS = 2_000_000
 
 
-def score(model: Any, dataset: Any) -> tuple[dict[str, float], dict[str, Any]]:
-    """Metrics on every split, and the val predictions the plots reuse."""
+def score(model: Any, dataset: Any, only: tuple[str, ...] | None = None, keep: str = "val",
+          ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Metrics on every split (or the splits named in ``only``), and the predictions of split
+    ``keep`` that the plots reuse."""
     result: dict[str, float] = {}
-    val_outputs: dict[str, Any] = {}
+    kept: dict[str, Any] = {}
     n_classes = len(dataset.classes)
-    splits = dataset.splits
-    outputs = _predict_stacked(model, dataset) if _stackable(dataset) else {
+    splits = {name: split for name, split in dataset.splits.items()
+              if only is None or name in only}
+    outputs = _predict_stacked(model, dataset) if only is None and _stackable(dataset) else {
         name: _predict(model, dataset.task, split.X) for name, split in splits.items()}
     for split_name, split in splits.items():
         pred, proba = outputs[split_name]
         for name, value in score_split(dataset.task, split.y, pred, proba, n_classes).items():
             result[f"{split_name}_{name}"] = value
-        if split_name == "val":
-            val_outputs = {"pred": pred, "proba": proba}
-    return result, val_outputs
+        if split_name == keep:
+            kept = {"pred": pred, "proba": proba}
+    return result, kept
 
 
 def _stackable(dataset: Any) -> bool:

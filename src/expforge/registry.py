@@ -17,7 +17,14 @@ from typing import Any
 
 from expforge.data import load_data
 from expforge.errors import RegistryError, first_line
-from expforge.metrics import better, check_direction, direction_of, ranking_key, score
+from expforge.metrics import (
+    base_metric,
+    better,
+    check_direction,
+    direction_of,
+    ranking_key,
+    score,
+)
 from expforge.tracking import (
     RunRecord,
     TrackingSettings,
@@ -238,7 +245,7 @@ def _reevaluate(top: list[Candidate], settings: RegisterSettings, track: Trackin
     """Score each of the top candidates on its test split, logging a run per candidate."""
     import yaml
 
-    base = report.metric.split("_", 1)[-1]
+    base = base_metric(report.metric).split("_", 1)[-1]
     select_by = settings.select_by or f"test_{base}"
     direction = direction_of(select_by)
     eval_track = TrackingSettings(uri=track.uri, experiment=f"{track.experiment}-best-models",

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from expforge import config as config_mod
+from expforge.cv import CVSettings, Folds, cross_validate, folds_of, pooled
 from expforge.data import Dataset, load_data
 from expforge.errors import ConfigError, ModelError, error_line, first_line
 from expforge.metrics import (
     check_direction,
+    cv_metric,
     default_objective,
     direction_of,
     metric_names,
@@ -42,8 +44,21 @@ from expforge.tracking import (
 )
 
 __all__ = [
-    "Objective", "RunContext", "RunResult", "attach_figures", "attach_model", "config_texts",
-    "fit", "fitted_model", "objective_of", "provenance_tags", "record_of", "run_one",
+    "Objective",
+    "RunContext",
+    "RunResult",
+    "attach_figures",
+    "attach_model",
+    "config_texts",
+    "cross_validates",
+    "figures_split",
+    "fit",
+    "fitted_model",
+    "objective_of",
+    "provenance_tags",
+    "record_of",
+    "refits",
+    "run_one",
 ]
 
 # Config sections that are not logged as params: hydra is runtime, the space belongs to search.
@@ -55,6 +70,8 @@ class Reporter(Protocol):
 
     metric: str  # e.g. "val_rmse"
     every: int  # report every k boosting rounds / iterations
+    fold: int | None  # the fold being fitted (set by a cross-validation), else None
+    folds_only: bool  # in a cross-validation, report folds' scores and not boosting rounds
 
     def __call__(self, step: int, value: float) -> None: ...
 
@@ -87,7 +104,8 @@ class RunResult:
 
 
 def objective_of(plain: Mapping[str, Any], task: str) -> Objective:
-    """The configured objective, or the task's default when ``metric=auto``."""
+    """The configured objective, or the task's default when ``metric=auto``; in a
+    cross-validated run, a val metric's folds' mean (``cv_val_rmse_mean``)."""
     metric, direction = plain.get("metric", "auto"), plain.get("direction", "auto")
     if metric in (None, "auto"):
         metric, default_direction = default_objective(task)
@@ -96,13 +114,33 @@ def objective_of(plain: Mapping[str, Any], task: str) -> Objective:
     if direction in (None, "auto"):
         direction = default_direction
     check_direction("direction", direction)
-    known = metric_names(task)
+    cross_validated = cross_validates(plain)
+    known = metric_names(task, cv=cross_validated)
     if metric not in known:
+        hint = (f"; metric={metric} needs cross-validation (cv=kfold)"
+                if metric in metric_names(task, cv=True) else "")
         raise ConfigError(
             f"metric={metric} is not computed for a {task} task; choose one of: "
-            f"{', '.join(sorted(known))}"
+            f"{', '.join(sorted(known))}{hint}"
         )
+    metric = cv_metric(str(metric)) if cross_validated else metric
     return Objective(str(metric), str(direction))
+
+
+def cross_validates(plain: Mapping[str, Any]) -> bool:
+    """Whether the config ``plain`` cross-validates (``cv`` other than none)."""
+    return str((plain.get("cv") or {}).get("name", "none")) != "none"
+
+
+def refits(plain: Mapping[str, Any]) -> bool:
+    """Whether a run of ``plain`` has a fitted model to log (not ``cv.refit=false``)."""
+    return not cross_validates(plain) or bool((plain.get("cv") or {}).get("refit", True))
+
+
+def figures_split(plain: Mapping[str, Any]) -> str:
+    """The split a run's model plots are drawn on: val, or test for a cross-validated run,
+    whose model is refitted on the val rows."""
+    return "test" if cross_validates(plain) else "val"
 
 
 def run_one(
@@ -133,9 +171,12 @@ def run_one(
     settings = TrackingSettings.from_config(plain["tracking"])
     root = Path(plain["paths"]["root"])
     # Bad data or model config fails here, before the store is touched: no run to clean up.
+    cv = CVSettings.from_config(plain)
     if dataset is None:
-        dataset = load_data(plain["data"], int(plain["seed"]), root)
+        dataset = load_data(plain["data"], int(plain["seed"]), root,
+                            keep=cv.columns() if cv else None)
     objective = objective_of(plain, dataset.task)
+    folds = folds_of(cv, dataset, int(plain["seed"])) if cv else None
     model = _build(plain, dataset, n_jobs)
     own = store is None
     store = store or open_store(settings)
@@ -148,27 +189,31 @@ def run_one(
             if found is not None:
                 return found, None
         run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
-        want_model = settings.log_model if log_model is None else log_model
-        want_plots = settings.log_plots if log_plots is None else log_plots
+        refits = cv is None or cv.refit
+        want_model = refits and (settings.log_model if log_model is None else log_model)
+        want_plots = refits and (settings.log_plots if log_plots is None else log_plots)
         record = record_of(plain, context, dataset)
         created = store.create_run(experiment_id, run_name,
                                    _tags(plain, context, dataset, objective, settings,
                                          extra_tags),
                                    parent_run_id, on_start)
         autolog = settings.autolog and own
-        val_outputs = _fit_recorded(store, created, model, dataset, plain["model"], record,
-                                    reporter, stop_early, end_tags,
-                                    autolog=(settings.uri, want_model) if autolog else None)
+        outputs = _fit_recorded(store, created, model, dataset, plain["model"], record,
+                                reporter, stop_early, end_tags,
+                                autolog=(settings.uri, want_model) if autolog else None,
+                                folds=folds)
         model_uri = None
         if want_model and not autolog:
             model_uri = attach_model(store, record.run_id, model, dataset)
         if want_plots:
-            attach_figures(store, record.run_id, _model_figures(model, dataset, val_outputs))
+            attach_figures(store, record.run_id,
+                           _model_figures(model, dataset, outputs, figures_split(plain)))
     finally:
         if own:
             store.close()
     return RunResult(record.run_id, experiment_id, record.metrics, objective,
-                     float(record.metrics[objective.metric]), settings.uri, model_uri), model
+                     float(record.metrics[objective.metric]), settings.uri, model_uri), (
+        model if cv is None or cv.refit else None)
 
 
 def _reused(plain: Mapping[str, Any], dataset: Dataset, objective: Objective,
@@ -245,9 +290,11 @@ def _fit_recorded(
     stop_early: tuple[type[BaseException], ...],
     end_tags: Callable[[BaseException | None], Mapping[str, str]] | None,
     autolog: tuple[str, bool] | None = None,
+    folds: Folds | None = None,
 ) -> dict[str, Any]:
-    """Fit and score while the store creates the run (``created``, a future of its id); hand
-    the finished run over in one record. The validation outputs, for the plots.
+    """Fit and score (on ``folds``, then refitted, when the run cross-validates) while the
+    store creates the run (``created``, a future of its id); hand the finished run over in
+    one record. The predictions the plots reuse (val, or test after a cross-validation).
 
     Every way out ends the run: FINISHED (also ``stop_early``), FAILED with the error tag and
     the traceback, or KILLED; an interrupt waits for the pending writes.
@@ -261,11 +308,15 @@ def _fit_recorded(
                 autolog[0], store.wait(created), log_models=autolog[1])
         else:
             logging = nullcontext()
-        with logging:
-            fit_time = fit(model, dataset, model_cfg, reporter)
-        record.metrics, val_outputs = score(model, dataset)
+        if folds is not None:  # autologging sees only the refit, the run's model
+            fit_time, outputs = cross_validate(model, dataset, folds, model_cfg, record,
+                                               reporter, refitting=logging)
+        else:
+            with logging:
+                fit_time = fit(model, dataset, model_cfg, reporter)
+            record.metrics, outputs = score(model, dataset)
         record.metrics["fit_time_s"] = fit_time
-        return val_outputs
+        return outputs
     except (KeyboardInterrupt, SystemExit) as exc:
         error, record.status = exc, "KILLED"
         raise
@@ -424,9 +475,10 @@ def _rejected_param(exc: Exception, model_cfg: Mapping[str, Any], task: str) -> 
 
 
 def fitted_model(plain: Mapping[str, Any], dataset: Dataset, n_jobs: int | None = None) -> Any:
-    """The model of the resolved config ``plain``, fitted on the train split (no run)."""
+    """The model of the resolved config ``plain``, fitted on the train split (no run); on the
+    train and val rows for a cross-validated config, as its run's model is."""
     model = _build(plain, dataset, n_jobs)
-    fit(model, dataset, plain["model"])
+    fit(model, pooled(dataset) if cross_validates(plain) else dataset, plain["model"])
     return model
 
 
@@ -461,13 +513,14 @@ def attach_figures(store: Store, run_id: str, figures: dict[str, Any],
         raise
 
 
-def model_figures(model: Any, dataset: Dataset) -> dict[str, Any]:
-    """The model's diagnostic plots on the validation split (scored again)."""
-    _, val_outputs = score(model, dataset)
-    return _model_figures(model, dataset, val_outputs)
+def model_figures(model: Any, dataset: Dataset, split: str = "val") -> dict[str, Any]:
+    """The model's diagnostic plots on ``split`` (scored again; see ``figures_split``)."""
+    _, outputs = score(model, dataset, only=(split,), keep=split)
+    return _model_figures(model, dataset, outputs, split)
 
 
-def _model_figures(model: Any, dataset: Dataset, val_outputs: dict[str, Any]) -> dict[str, Any]:
+def _model_figures(model: Any, dataset: Dataset, outputs: dict[str, Any],
+                   split: str = "val") -> dict[str, Any]:
     from expforge.plots import model_figures as draw
 
-    return draw(model, dataset.task, dataset.classes, dataset.val.y, val_outputs)
+    return draw(model, dataset.task, dataset.classes, dataset.splits[split].y, outputs)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from expforge import config as config_mod
+from expforge.cv import CVSettings, folds_of
 from expforge.data import load_data
 from expforge.process import interrupts_deferred, start_up_done
 from expforge.runner import RunContext
@@ -67,7 +68,11 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
     store = open_store(tracking, workers=n_workers)
     try:
         start_up_done()  # the data is loaded with the collector on
-        dataset = load_data(plain["data"], int(plain["seed"]), Path(plain["paths"]["root"]))
+        cv = CVSettings.from_config(plain)
+        dataset = load_data(plain["data"], int(plain["seed"]), Path(plain["paths"]["root"]),
+                            keep=cv.columns() if cv else None)
+        if cv is not None:  # folds that cannot be drawn fail here, not in every trial
+            folds_of(cv, dataset, int(plain["seed"]))
         settings = settings_of(plain, dataset.task)
         params = parse_space(plain.get("search_space"), plain)
         settings = _within_space(settings, params)

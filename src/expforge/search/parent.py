@@ -15,9 +15,11 @@ from expforge.runner import (
     attach_figures,
     attach_model,
     config_texts,
+    figures_split,
     fitted_model,
     model_figures,
     provenance_tags,
+    refits,
 )
 from expforge.search.budget import Counts, counts, record_stop, since_of, stop_rule
 from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
@@ -167,9 +169,10 @@ def _log_lost_best_model(job: Job, study: Any) -> None:
     except ValueError:
         return  # no complete trial
     run_id = best.user_attrs.get(RUN_ATTR)
-    if not run_id or job.store.model_of(job.experiment_id, run_id):
+    if not run_id or not refits(job.plain) or job.store.model_of(job.experiment_id, run_id):
         return
-    model = fitted_model(job.trial_config(best.number, best.params), job.dataset)
+    cfg = job.trial_config(best.number, best.params)
+    model = fitted_model(cfg, job.dataset)
     attach_model(job.store, run_id, model, job.dataset)
     if job.tracking.log_plots:
-        attach_figures(job.store, run_id, model_figures(model, job.dataset))
+        attach_figures(job.store, run_id, model_figures(model, job.dataset, figures_split(cfg)))

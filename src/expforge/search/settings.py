@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from expforge import config as config_mod
+from expforge.cv import CVSettings
 from expforge.errors import ConfigError
-from expforge.metrics import check_direction, direction_of, metric_names
-from expforge.runner import Objective, objective_of
+from expforge.metrics import check_direction, cv_metric, direction_of, metric_names
+from expforge.runner import Objective, cross_validates, objective_of
 
 __all__ = ["SearchSettings", "settings_of"]
 
@@ -41,6 +42,7 @@ class SearchSettings:
     warm_start_top_k: int = 5
     warm_start_storage: str | None = None
     allowed_targets: tuple[str, ...] = config_mod.ALLOWED_TARGETS
+    folds: str = "cv=none"  # the trials' cross-validation, in words (``CVSettings.describe``)
 
     @property
     def multi_objective(self) -> bool:
@@ -59,6 +61,7 @@ class SearchSettings:
 def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
     """Check ``cfg.search`` and fill in the derived defaults (study name, storage)."""
     s = config_mod.checked("search", plain["search"])
+    cv = CVSettings.from_config(plain)
     study_name = s["study_name"] or (
         f"{plain['tracking']['experiment']}-{plain['data']['name']}-"
         f"{plain['model'].get('name', 'model')}"
@@ -95,6 +98,7 @@ def settings_of(plain: Mapping[str, Any], task: str) -> SearchSettings:
         **_warm_start(s["warm_start"] or {}),
         seed=int(plain.get("seed", 0)),
         allowed_targets=config_mod.allowed_targets(plain),
+        folds=cv.describe() if cv else "cv=none",
     )
 
 
@@ -138,9 +142,12 @@ def _objectives(s: Mapping[str, Any], plain: Mapping[str, Any], task: str,
         )
     for d in directions:
         check_direction("search.directions", d)
-    known = metric_names(task)
+    cross_validated = cross_validates(plain)
+    known = metric_names(task, cv=cross_validated)
     for m in metrics:  # a metric the runs never log would fail every trial
         if m not in known:
             raise ConfigError(f"search.metrics lists {m}, which a {task} run does not log; "
                               f"choose from: {', '.join(sorted(known))}")
+    if cross_validated:  # a val metric stands for its folds' mean
+        metrics = [cv_metric(str(m)) for m in metrics]
     return tuple(Objective(str(m), str(d)) for m, d in zip(metrics, directions, strict=True))

@@ -68,12 +68,13 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
 
 
 def purpose_of(settings: SearchSettings, params: list[Param], model: str) -> dict[str, Any]:
-    """What a study is created for: the model, the space and the objective(s)."""
+    """What a study is created for: the model, the space, the objective(s) and the folds."""
     from optuna.distributions import distribution_to_json
 
     return {"model": model,
             "objective": [f"{o.metric} ({o.direction})" for o in settings.objectives],
-            "space": {p.key: distribution_to_json(p.distribution) for p in params}}
+            "space": {p.key: distribution_to_json(p.distribution) for p in params},
+            "folds": settings.folds}
 
 
 def keep_purpose(study: Any, settings: SearchSettings, purpose: dict[str, Any]) -> None:
@@ -115,6 +116,9 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if old.get("objective") != new["objective"]:
         out.append(f"the objective {', '.join(old.get('objective') or [])}, not "
                    f"{', '.join(new['objective'])}")
+    old_folds = old.get("folds", "cv=none")  # studies made before the cv group: none
+    if old_folds != new.get("folds", "cv=none"):
+        out.append(f"the folds {old_folds}, not {new.get('folds', 'cv=none')}")
     old_space, new_space = old.get("space") or {}, new["space"]
     if old_space != new_space and old.get("model") == new["model"]:  # else it goes without saying
         changed = [k for k in sorted(set(old_space) | set(new_space))
@@ -262,8 +266,11 @@ def _instantiate(key: str, spec: Mapping[str, Any], allowed: tuple[str, ...],
     try:
         return instantiate({**spec, **extra}, _convert_="all")
     except Exception as exc:
+        examples = ("optuna.samplers.TPESampler, RandomSampler, CmaEsSampler, GridSampler, "
+                    "NSGAIISampler" if key == "search.sampler" else
+                    "optuna.pruners.MedianPruner, WilcoxonPruner, HyperbandPruner, "
+                    "SuccessiveHalvingPruner, PercentilePruner")
         raise ConfigError(
             f"{key}._target_={target} cannot be built ({first_line(exc.__cause__ or exc)}); "
-            "use e.g. optuna.samplers.TPESampler, RandomSampler, CmaEsSampler, GridSampler, "
-            "NSGAIISampler"
+            f"check its arguments ({key}.<name>=...), or use e.g. {examples}"
         ) from None

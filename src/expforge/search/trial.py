@@ -8,8 +8,16 @@ import socket
 from typing import Any
 
 from expforge.errors import ConfigError, ExpforgeError, SearchError, TrackingError, first_line
-from expforge.metrics import better
-from expforge.runner import RunContext, attach_figures, attach_model, model_figures, run_one
+from expforge.metrics import base_metric, better
+from expforge.runner import (
+    RunContext,
+    attach_figures,
+    attach_model,
+    figures_split,
+    model_figures,
+    refits,
+    run_one,
+)
 from expforge.search.budget import BudgetReached, rank
 from expforge.search.job import HOST_ATTR, METRICS_ATTR, PID_ATTR, RUN_ATTR, SKIPPED_ATTR, Job
 from expforge.search.space import suggest
@@ -28,7 +36,9 @@ class TrialObjective:
         # log_models=best: the best fitted model stays in memory and is logged once, at the
         # worker's end, if it still is the study's best (logging a model and its plots at
         # every improvement would cost far more than the trials).
-        self.defer = settings.log_models == "best" and not settings.multi_objective
+        # cv.refit=false: no model to keep or log
+        self.defer = (settings.log_models == "best" and not settings.multi_objective
+                      and refits(job.plain))
         self.log_each = settings.log_models == "all" or (
             settings.log_models == "best" and settings.multi_objective)
         self.best: tuple[float, str, Any] | None = None
@@ -73,7 +83,10 @@ class TrialObjective:
         }
         reporter = None
         if not settings.multi_objective and settings.pruner is not None:
-            reporter = TrialReporter(trial, settings.objective.metric, settings.report_every)
+            # WilcoxonPruner compares trials fold by fold: it gets the folds' scores only
+            wilcoxon = str(settings.pruner.get("_target_", "")).endswith("WilcoxonPruner")
+            reporter = TrialReporter(trial, base_metric(settings.objective.metric),
+                                     settings.report_every, folds_only=wilcoxon)
 
         def started(run_id: str) -> None:  # on the reply thread of a writer process
             trial.set_user_attr(RUN_ATTR, run_id)
@@ -82,8 +95,10 @@ class TrialObjective:
             if error is None:
                 return {"optuna.trial_state": "COMPLETE"}
             if isinstance(error, optuna.TrialPruned) and reporter is not None:
+                fold = {} if reporter.pruned_fold is None else {
+                    "pruned_fold": str(reporter.pruned_fold)}
                 return {"optuna.trial_state": "PRUNED", "pruned": "true",
-                        "pruned_step": str(reporter.pruned_at)}
+                        "pruned_step": str(reporter.pruned_at), **fold}
             return {"optuna.trial_state": "FAIL"}
 
         try:
@@ -128,7 +143,8 @@ class TrialObjective:
             return False
         attach_model(self.job.store, run_id, model, self.job.dataset)
         if self.job.tracking.log_plots:
-            attach_figures(self.job.store, run_id, model_figures(model, self.job.dataset))
+            attach_figures(self.job.store, run_id, model_figures(
+                model, self.job.dataset, figures_split(self.job.plain)))
         self.best = None
         return True
 
@@ -143,11 +159,15 @@ class ModelFailed(Exception):
 
 
 class TrialReporter:
-    """Reports the val objective to Optuna as the model trains; prunes when told to."""
+    """Reports the val objective to Optuna as the model trains (and, in a cross-validation,
+    each fold's score as it ends); prunes when told to."""
 
-    def __init__(self, trial: Any, metric: str, every: int) -> None:
+    def __init__(self, trial: Any, metric: str, every: int, folds_only: bool = False) -> None:
         self.trial, self.metric, self.every = trial, metric, every
+        self.folds_only = folds_only
+        self.fold: int | None = None
         self.pruned_at: int | None = None
+        self.pruned_fold: int | None = None
 
     def __call__(self, step: int, value: float) -> None:
         import optuna
@@ -156,8 +176,9 @@ class TrialReporter:
             return
         self.trial.report(value, step)
         if self.trial.should_prune():
-            self.pruned_at = step
-            raise optuna.TrialPruned(f"pruned at step {step}")
+            self.pruned_at, self.pruned_fold = step, self.fold
+            where = "" if self.fold is None else f" (fold {self.fold})"
+            raise optuna.TrialPruned(f"pruned at step {step}{where}")
 
 
 def _metric(metrics: dict[str, float], name: str) -> float:

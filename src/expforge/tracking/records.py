@@ -44,6 +44,7 @@ class RunRecord:
     texts: dict[str, str] = field(default_factory=dict)  # artifact path -> text
     dataset: DatasetDescription | None = None  # logged as the run's train/val/test inputs
     step: int = 0  # of the metrics
+    history: dict[str, list[float]] = field(default_factory=dict)  # metrics at steps 0, 1, ...
     end_time: int = field(default_factory=lambda: int(time.time() * 1000))
 
 

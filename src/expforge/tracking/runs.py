@@ -42,10 +42,12 @@ def write_record(client: Any, record: RunRecord, locations: MutableMapping[str, 
     from mlflow.entities import Metric, Param, RunTag
 
     now = record.end_time
-    if record.metrics or record.params or record.tags:
+    if record.metrics or record.params or record.tags or record.history:
         client.log_batch(
             record.run_id,
-            metrics=[Metric(k, float(v), now, record.step) for k, v in record.metrics.items()],
+            metrics=[*(Metric(k, float(v), now, step) for k, values in record.history.items()
+                       for step, v in enumerate(values)),
+                     *(Metric(k, float(v), now, record.step) for k, v in record.metrics.items())],
             params=[Param(k, str(v)) for k, v in record.params.items()],
             tags=[RunTag(k, str(v)) for k, v in record.tags.items()],
         )
