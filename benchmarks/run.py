@@ -11,6 +11,7 @@ largest sum of PSS over the process tree (shared copy-on-write pages counted onc
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -19,6 +20,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -225,6 +228,90 @@ def _span(store: Path, cmd: list[str]) -> float:
             - min(t.datetime_start for t in trials)).total_seconds()
 
 
+def _starts(journal: Path) -> list[float]:
+    """The trials' start times (seconds) of the one study in a journal file, in order."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = optuna.storages.JournalStorage(JournalFileBackend(str(journal)))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=summary.study_name, storage=storage).trials
+    return sorted(t.datetime_start.timestamp() for t in trials if t.datetime_start)
+
+
+def _gap_ms(starts: list[float], first: int, last: int) -> float:
+    """Median gap between the starts of trials ``first``..``last`` (1-based), in ms."""
+    window = starts[first - 1:last]
+    return statistics.median(b - a for a, b in itertools.pairwise(window)) * 1000
+
+
+@contextmanager
+def _busy(on: bool) -> Iterator[None]:
+    """One core kept busy by another process (a fixed CPU-bound loop) while inside."""
+    if not on:
+        yield
+        return
+    proc = subprocess.Popen([PY, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # scheduled and spinning
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+CHEAP = ["model=linear", "search.pruner=null", "search.plots=false",
+         "search.sampler._target_=optuna.samplers.RandomSampler"]
+
+
+def cheap(store: Path, n_trials: int, reps: int, table: Table, busy: bool = False) -> None:
+    """Issue 18: Ridge on diabetes, RandomSampler seeded, a journal file per study, warm SQLite
+    stores (one per contender, each made as its own tool makes it): the bare Optuna loop,
+    the hand-written MLflow loop, ``run.py`` with one and with two workers."""
+    counter = iter(range(10**6))
+    window = [(1, max(2, n_trials // 8)), (max(1, n_trials // 4), n_trials // 2),
+              (max(1, n_trials * 3 // 4), n_trials)]
+
+    def contender(name: str, n: int) -> tuple[list[str], Path]:
+        journal = store / "studies" / f"cheap-{name}-{next(counter)}.journal"
+        journal.parent.mkdir(exist_ok=True)
+        if name in ("a", "b"):
+            mlflow = ["--mlflow", f"sqlite:///{store}/cheap-hand.db"] if name == "b" else []
+            return [PY, str(HERE / "hand_optuna.py"), str(n), "--model", "ridge", "--sampler",
+                    "random", "--storage", str(journal), *mlflow], journal
+        workers = "2" if name == "c2" else "1"
+        return [PY, str(ROOT / "run.py"), "search=optuna", *CHEAP, f"search.n_trials={n}",
+                f"search.n_workers={workers}", f"search.storage={journal}",
+                f"search.study_name={journal.stem}", "tracking.experiment=bench-cheap",
+                f"tracking.uri=sqlite:///{store}/cheap-expforge.db",
+                f"tracking.artifact_root={store}/art", f"paths.outputs={store}/out"], journal
+
+    names = {"a": "(a) bare Optuna loop", "b": "(b) hand-written MLflow loop",
+             "c": "(c) python run.py search=optuna", "c2": "(c) with search.n_workers=2"}
+    for name in ("b", "c"):  # warm stores: schema and experiment made
+        run(contender(name, 2)[0])
+    walls: dict[str, list[float]] = {}
+    gaps: dict[tuple[str, int], list[float]] = {}
+    with _busy(busy):
+        for _ in range(reps):
+            for name in names:
+                cmd, journal = contender(name, n_trials)
+                walls.setdefault(name, []).append(run(cmd).wall_s)
+                starts = _starts(journal)
+                for i, (first, last) in enumerate(window):
+                    gaps.setdefault((name, i), []).append(_gap_ms(starts, first, last))
+    med = {k: statistics.median(v) for k, v in walls.items()}
+    for name, label in names.items():
+        per = ", ".join(f"{first}-{last}: {statistics.median(gaps[(name, i)]):.1f} ms"
+                        for i, (first, last) in enumerate(window))
+        table.add(f"{label}, {n_trials} trials", f"{med[name]:.2f} s (per trial {per})")
+    table.add("(c) / (b), whole command", f"{med['c'] / med['b']:.2f}x (goal <= 1.0x)")
+    late, early = (statistics.median(gaps[("c", i)]) for i in (2, 0))
+    table.add(f"(c) per trial, trials {window[2][0]}-{window[2][1]} / {window[0][0]}-"
+              f"{window[0][1]}", f"{late / early:.2f}x (goal <= 1.1x)")
+    table.add("(c) n_workers=2 / n_workers=1, whole command", f"{med['c'] / med['c2']:.2f}x")
+
+
 def _ceiling(n_samples: int) -> float:
     """What two cores give two single-threaded XGBoost fits of the trials' size."""
     out = subprocess.run([PY, str(HERE / "ceiling.py"), str(n_samples)], capture_output=True,
@@ -370,10 +457,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--only", nargs="*", default=None,
-                        help="overhead parallel writer scale startup gpu")
+                        help="overhead cheap cheap-busy parallel writer scale startup gpu")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     args = parser.parse_args()
-    sections = args.only or ["overhead", "parallel", "writer", "scale", "startup", "gpu"]
+    sections = args.only or ["overhead", "cheap", "cheap-busy", "parallel", "writer", "scale",
+                             "startup", "gpu"]
     reps = args.reps or (1 if args.smoke else 3)
     tables = []
     with tempfile.TemporaryDirectory(prefix="expforge-bench-") as tmp:
@@ -383,6 +471,12 @@ def main() -> None:
             tables.append(Table("Overhead of tracking (diabetes, rf n_jobs=1, TPE seeded)"))
             print(tables[-1].title, flush=True)
             overhead(store, (2,) if args.smoke else (10, 40), reps, tables[-1])
+        for busy in (False, True):
+            if ("cheap-busy" if busy else "cheap") in sections:
+                tables.append(Table("Cheap trials (Ridge on diabetes, RandomSampler, journal)"
+                                    + (", one core kept busy" if busy else "")))
+                print(tables[-1].title, flush=True)
+                cheap(store, 8 if args.smoke else 400, reps, tables[-1], busy=busy)
         if "parallel" in sections:
             tables.append(Table("Parallel throughput (xgb, 1 thread per worker)"))
             print(tables[-1].title, flush=True)

@@ -13,6 +13,7 @@ from .conftest import ROOT
 
 EXPECTED = {
     "overhead": ["(c) python run.py search=optuna, 2 trials", "(a) bare Optuna loop, 2 trials"],
+    "cheap": ["(c) / (b), whole command", "(c) n_workers=2 / n_workers=1, whole command"],
     "parallel": ["throughput n_workers=2 / n_workers=1, while trials run",
                  "ceiling: two bare XGBoost fits"],
     "writer": ["writer process / in-process"],

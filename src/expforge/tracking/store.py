@@ -94,6 +94,7 @@ def connect(settings: TrackingSettings) -> str:
         quiet_http_client(settings.retry_s)
     if scheme == "sqlite":
         _create_sqlite_store(settings)
+        sqlite_commits_without_fsync()
     mlflow.set_tracking_uri(settings.uri)
     mlflow.set_registry_uri(settings.uri)
     if scheme == "postgresql":
@@ -132,21 +133,26 @@ def _create_sqlite_store(settings: TrackingSettings) -> None:
 
     MLflow creates a store by running its schema migrations in the file itself; a Ctrl-C
     meanwhile left a half-made store that every later command failed to open. The link does
-    not replace a store that another process made first.
+    not replace a store that another process made first. The store is made in WAL journal
+    mode, which the file keeps (see ``sqlite_commits_without_fsync``).
     """
     path = Path(settings.uri.split("sqlite:///", 1)[-1])
     if path.exists():
         return
+    import sqlite3
+
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
         root = Path(settings.artifact_root or path.parent / "mlartifacts").resolve().as_uri()
         SqlAlchemyStore(f"sqlite:///{temporary}", root).engine.dispose()
+        with contextlib.closing(sqlite3.connect(temporary)) as db:
+            db.execute("PRAGMA journal_mode=WAL")  # its -wal file goes at close
         with contextlib.suppress(FileExistsError):
             os.link(temporary, path)
     finally:
-        for suffix in ("", "-journal"):
+        for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 temporary.with_name(temporary.name + suffix).unlink()
 
@@ -256,10 +262,37 @@ def ensure_experiment(settings: TrackingSettings) -> str:
                             ) from None
 
 
+_FSYNC_OFF = [False]
+
+
+def sqlite_commits_without_fsync() -> None:
+    """Every SQLite connection this process opens to a database in WAL journal mode (the
+    stores expforge creates) commits with ``synchronous=NORMAL``: no fsync per commit, only at
+    checkpoints. A commit stays atomic and the file consistent; what a power cut (not a
+    crashed process) can lose is the last commits before it."""
+    if _FSYNC_OFF[0]:
+        return
+    _FSYNC_OFF[0] = True
+    import sqlite3
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    def on_connect(connection: Any, _: Any) -> None:
+        if isinstance(connection, sqlite3.Connection):
+            (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() == "wal":
+                connection.execute("PRAGMA synchronous=NORMAL")
+
+    event.listen(Engine, "connect", on_connect)
+
+
 def load_store_code(uri: str) -> None:
     """Load MLflow and the code of the store at ``uri`` without opening it."""
     import mlflow  # noqa: F401
 
+    if urlparse(uri).scheme == "sqlite":
+        sqlite_commits_without_fsync()
     with contextlib.suppress(ImportError):  # if it is broken, opening the store will say so
         importlib.import_module(_store_module(uri))
 
