@@ -1,5 +1,5 @@
-"""Opening a store: four processes writing one SQLite store at once, and a first run stopped
-while MLflow creates its store."""
+"""Opening a store: four processes writing one SQLite store at once (in WAL mode), and a
+first run stopped while MLflow creates its store."""
 
 from __future__ import annotations
 
@@ -32,10 +32,25 @@ def test_four_processes_write_one_sqlite_store_without_loss(tmp_path: Path) -> N
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     assert not any("database is locked" in e for e in errors)
+    from expforge.tracking.store import sqlite_commits_without_fsync
+
+    sqlite_commits_without_fsync()  # before this process connects, as a writer does
     c = client(uri)
     runs = c.search_runs([c.get_experiment_by_name("writers").experiment_id], max_results=500)
     assert len(runs) == 100 and {r.info.status for r in runs} == {"FINISHED"}
     assert all(len(r.data.params) == 10 and len(r.data.metrics) == 5 for r in runs)
+    # The store expforge made is in WAL journal mode, which the file keeps, and the
+    # connections of a process that writes through expforge commit without an fsync.
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert db.execute("PRAGMA synchronous").fetchone() == (2,)  # SQLite's own: FULL
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = SqlAlchemyStore(uri, str(tmp_path)).engine
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
 
 
 def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_store(
