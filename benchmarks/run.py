@@ -273,7 +273,8 @@ def cheap(store: Path, n_trials: int, reps: int, table: Table, busy: bool = Fals
               (max(1, n_trials * 3 // 4), n_trials)]
 
     def contender(name: str, n: int) -> tuple[list[str], Path]:
-        journal = store / "studies" / f"cheap-{name}-{next(counter)}.journal"
+        kind = "cheap-busy" if busy else "cheap"
+        journal = store / "studies" / f"{kind}-{name}-{next(counter)}.journal"
         journal.parent.mkdir(exist_ok=True)
         if name in ("a", "b", "b2"):
             mlflow = [] if name == "a" else ["--mlflow", f"sqlite:///{store}/cheap-hand.db"]
@@ -291,8 +292,9 @@ def cheap(store: Path, n_trials: int, reps: int, table: Table, busy: bool = Fals
     names = {"a": "(a) bare Optuna loop", "b": "(b) hand-written MLflow loop",
              "b2": "(b) recording what an expforge run records",
              "c": "(c) python run.py search=optuna", "c2": "(c) with search.n_workers=2"}
-    for name in ("b", "b2", "c"):  # warm stores: schema and experiment made
-        run(contender(name, 2)[0])
+    if reps > 1:  # warm stores: schema and experiment made (not in the smoke run)
+        for name in ("b", "b2", "c"):
+            run(contender(name, 2)[0])
     walls: dict[str, list[float]] = {}
     gaps: dict[tuple[str, int], list[float]] = {}
     with _busy(busy):

@@ -274,7 +274,7 @@ def cross_validate(
     _summarise(record, history, len(folds))  # only a run that did every fold has them
     if not folds.settings.refit:
         return round(seconds, 4), {}
-    refit = pooled(dataset)
+    refit = replace(dataset, train=folds.pool)  # pooled(dataset), drawn once
     start = time.perf_counter()
     with refitting or nullcontext():
         fit(model, refit, model_cfg)
