@@ -177,6 +177,7 @@ def run_one(
                             keep=cv.columns() if cv else None)
     objective = objective_of(plain, dataset.task)
     folds = folds_of(cv, dataset, int(plain["seed"])) if cv else None
+    has_model = cv is None or cv.refit  # cv.refit=false fits only the folds' copies
     model = _build(plain, dataset, n_jobs)
     own = store is None
     store = store or open_store(settings)
@@ -189,9 +190,8 @@ def run_one(
             if found is not None:
                 return found, None
         run_name = settings.run_name or f"{plain['model'].get('name', 'model')}-{dataset.name}"
-        refits = cv is None or cv.refit
-        want_model = refits and (settings.log_model if log_model is None else log_model)
-        want_plots = refits and (settings.log_plots if log_plots is None else log_plots)
+        want_model = has_model and (settings.log_model if log_model is None else log_model)
+        want_plots = has_model and (settings.log_plots if log_plots is None else log_plots)
         record = record_of(plain, context, dataset)
         created = store.create_run(experiment_id, run_name,
                                    _tags(plain, context, dataset, objective, settings,
@@ -213,7 +213,7 @@ def run_one(
             store.close()
     return RunResult(record.run_id, experiment_id, record.metrics, objective,
                      float(record.metrics[objective.metric]), settings.uri, model_uri), (
-        model if cv is None or cv.refit else None)
+        model if has_model else None)
 
 
 def _reused(plain: Mapping[str, Any], dataset: Dataset, objective: Objective,
