@@ -279,10 +279,14 @@ def sqlite_commits_without_fsync() -> None:
     from sqlalchemy.engine import Engine
 
     def on_connect(connection: Any, _: Any) -> None:
-        if isinstance(connection, sqlite3.Connection):
+        if not isinstance(connection, sqlite3.Connection):
+            return
+        try:
             (mode,) = connection.execute("PRAGMA journal_mode").fetchone()
-            if str(mode).lower() == "wal":
-                connection.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.DatabaseError:
+            return  # not a database: MLflow's own open fails and says so, without retrying
+        if str(mode).lower() == "wal":
+            connection.execute("PRAGMA synchronous=NORMAL")
 
     event.listen(Engine, "connect", on_connect)
 
