@@ -71,3 +71,34 @@ def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_st
     assert sorted(p.name for p in tmp_path.iterdir() if "mlflow" in p.name) == []
     again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+ALONGSIDE = """
+import sys, time
+from pathlib import Path
+import mlflow
+from expforge.tracking import LocalStore, TrackingSettings
+db = Path(sys.argv[1])
+while not db.exists():
+    time.sleep(0.001)
+settings = TrackingSettings(uri=f"sqlite:///{db}", experiment="alongside",
+                            artifact_root=sys.argv[2])
+print("experiment", LocalStore(settings.uri).connect(settings))
+"""
+
+
+def test_a_run_opening_a_store_that_plain_mlflow_is_creating_waits_for_it(
+        tmp_path: Path) -> None:
+    """``mlflow ui`` or a plain MLflow script creates its store in place; a run that opens
+    the file meanwhile used to migrate it too and fail on tables the other had made."""
+    db = tmp_path / "mlflow.db"
+    ours = subprocess.Popen([sys.executable, "-c", ALONGSIDE, str(db), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    theirs = subprocess.run(
+        [sys.executable, "-c", "import mlflow, sys; mlflow.MlflowClient(sys.argv[1])"
+         ".search_experiments()", f"sqlite:///{db}"],
+        capture_output=True, text=True, timeout=120, check=False)
+    out, err = ours.communicate(timeout=120)
+    assert theirs.returncode == 0, theirs.stderr[-2000:]
+    assert ours.returncode == 0 and "experiment " in out, err[-2000:]
+    assert client(f"sqlite:///{db}").get_experiment_by_name("alongside") is not None

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import os
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,11 +223,10 @@ def _default_port(scheme: str) -> int | None:
 
 def ensure_experiment(settings: TrackingSettings) -> str:
     """Get or create the experiment; for database stores its artifacts go to artifact_root."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        client = mlflow.MlflowClient(settings.uri)
+        client = _client_of(settings.uri)
     except Exception as exc:  # a store MLflow cannot open, or cannot bring up to date
         hint = ""
         if urlparse(settings.uri).scheme == "sqlite":
@@ -260,6 +260,39 @@ def ensure_experiment(settings: TrackingSettings) -> str:
     except MlflowException as exc:
         raise TrackingError(f"tracking.uri={mask_uri(settings.uri)}: {first_line(exc)}"
                             ) from None
+
+
+def _client_of(uri: str) -> Any:
+    """MLflow's client of the store at ``uri``.
+
+    A SQLite store that another program (``mlflow ui``, a plain MLflow script) creates in
+    place fails to open while its migrations run: this process migrates it too and meets
+    the other's tables or revisions ("table ... already exists", "Online migration expected
+    to match one row"). An open that fails is tried again once the file has been still for a
+    second, a few times: a store left half-made for good still fails, with MLflow's reason.
+    """
+    import mlflow
+
+    path = Path(uri.split("sqlite:///", 1)[-1]) if urlparse(uri).scheme == "sqlite" else None
+    for _ in range(3):
+        try:
+            return mlflow.MlflowClient(uri)
+        except Exception as exc:
+            if path is None or "not a database" in str(exc):
+                raise
+        _wait_until_still(path)
+    return mlflow.MlflowClient(uri)
+
+
+def _wait_until_still(path: Path, still_s: float = 1.0, limit_s: float = 60.0) -> None:
+    """Wait until neither the SQLite file nor its journals have changed for ``still_s``."""
+    def changed() -> float:
+        names = (path, path.with_name(path.name + "-journal"), path.with_name(path.name + "-wal"))
+        return max((p.stat().st_mtime for p in names if p.exists()), default=0.0)
+
+    deadline = time.monotonic() + limit_s
+    while time.time() - changed() < still_s and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 _FSYNC_OFF = [False]
