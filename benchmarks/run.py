@@ -1,6 +1,6 @@
 """expforge benchmarks, side by side with what a user would write by hand.
 
-    python benchmarks/run.py            # full suite (~6 min on 2 cores); writes RESULTS.md
+    python benchmarks/run.py            # full suite (~40 min on 2 cores); writes RESULTS.md
     python benchmarks/run.py --smoke    # tiny sizes, to keep the suite working (CI)
 
 Every contender runs end to end as a separate process (imports included), the contenders of a
@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -103,6 +104,8 @@ def expforge(store: Path, *args: str) -> list[str]:
             f"tracking.artifact_root={store}/art", f"paths.outputs={store}/out"]
 
 
+# Off in the throughput runs; on (the defaults) in the runs "with the defaults".
+QUIET_SEARCH = ("search.plots=false", "search.log_models=none")
 # The space of the overhead comparison, on rf's default space.
 RF_SPACE = [
     "search_space.model.n_estimators.low=10", "search_space.model.n_estimators.high=50",
@@ -168,8 +171,7 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
              *(f"~search_space.model.{name}" for name in (
                  "n_estimators", "max_depth", "subsample", "colsample_bytree",
                  "min_child_weight")),
-             "search.pruner=null", "search.plots=false", "search.log_models=none",
-             "tracking.experiment=bench-parallel"]
+             "search.pruner=null", *QUIET_SEARCH, "tracking.experiment=bench-parallel"]
     counter = iter(range(10**6))
     grid = [0.05, 0.1, 0.15, 0.2]
     lambdas = ["0.5", "1", "2", "4"]
@@ -177,9 +179,11 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
         grid, lambdas = grid[:n_trials], lambdas[:1]
     multirun_jobs = len(grid) * len(lambdas)
 
-    def search(workers: int) -> list[str]:
+    def search(workers: int, defaults: bool = False) -> list[str]:
         i = next(counter)
-        return expforge(store, "search=optuna", *fixed, f"search.n_trials={n_trials}",
+        # defaults: Optuna's plots, the best model logged with its figures
+        given = [a for a in fixed if not defaults or a not in QUIET_SEARCH]
+        return expforge(store, "search=optuna", *given, f"search.n_trials={n_trials}",
                         f"search.n_workers={workers}", f"search.study_name=par-{i}",
                         f"search.storage={store}/studies/par-{i}.journal")
 
@@ -190,17 +194,25 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
                         f"model.reg_lambda={','.join(lambdas)}", "tracking.log_plots=false",
                         "tracking.log_model=false", "tracking.experiment=bench-parallel")
 
-    times: dict[str, list[float]] = {"1": [], "2": [], "joblib": []}
+    times: dict[str, list[float]] = {"1": [], "2": [], "joblib": [], "1d": [], "2d": []}
     spans: dict[str, list[float]] = {"1": [], "2": []}
+    phases: dict[str, list[tuple[float, float, float]]] = {"1d": [], "2d": []}
     for _ in range(reps):
         for workers in ("1", "2"):
             cmd = search(int(workers))
             times[workers].append(run(cmd).wall_s)
             spans[workers].append(_span(store, cmd))
+        for workers in ("1d", "2d"):
+            cmd = search(int(workers[0]), defaults=True)
+            started = time.time()
+            times[workers].append(run(cmd).wall_s)
+            phases[workers].append(_phases(store, cmd, started, time.time()))
         if multirun_too:
             times["joblib"].append(run(multirun()).wall_s)
     med = {k: statistics.median(v) for k, v in times.items() if v}
     span = {k: statistics.median(v) for k, v in spans.items()}
+    phase = {k: [statistics.median(p[i] for p in v) for i in range(3)]
+             for k, v in phases.items()}
     table.add(f"search.n_workers=1, {n_trials} trials", f"{med['1']:.2f} s")
     table.add(f"search.n_workers=2, {n_trials} trials", f"{med['2']:.2f} s")
     if multirun_too:
@@ -209,6 +221,15 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
     table.add("throughput n_workers=2 / n_workers=1, end to end", f"{med['1'] / med['2']:.2f}x")
     table.add("throughput n_workers=2 / n_workers=1, while trials run (first start to "
               "last end)", f"{span['1'] / span['2']:.2f}x ({span['1']:.2f} s / {span['2']:.2f} s)")
+    table.add(f"with the defaults (plots, best model): n_workers=1, {n_trials} trials",
+              f"{med['1d']:.2f} s")
+    table.add(f"with the defaults: n_workers=2, {n_trials} trials", f"{med['2d']:.2f} s")
+    table.add("with the defaults: throughput n_workers=2 / n_workers=1, end to end",
+              f"{med['1d'] / med['2d']:.2f}x")
+    for k in ("1d", "2d"):
+        before, trials, after = phase[k]
+        table.add(f"with the defaults, n_workers={k[0]}: before the first trial / trials / "
+                  "after the last", f"{before:.2f} s / {trials:.2f} s / {after:.2f} s")
     if multirun_too:
         table.add("throughput n_workers=2 / joblib multirun (per trial)",
                   f"{(med['joblib'] / multirun_jobs) / (med['2'] / n_trials):.2f}x")
@@ -218,14 +239,30 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
 
 def _span(store: Path, cmd: list[str]) -> float:
     """Seconds from the first trial's start to the last trial's end of the study ``cmd`` ran."""
+
+    trials = _trials(store, cmd)
+    return (max(t.datetime_complete for t in trials)
+            - min(t.datetime_start for t in trials)).total_seconds()
+
+
+def _trials(store: Path, cmd: list[str]) -> list[Any]:
+    """The trials of the study the command ``cmd`` ran (a journal storage)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
 
     given = dict(a.split("=", 1) for a in cmd if a.startswith("search."))
     storage = optuna.storages.JournalStorage(JournalFileBackend(given["search.storage"]))
-    trials = optuna.load_study(study_name=given["search.study_name"], storage=storage).trials
-    return (max(t.datetime_complete for t in trials)
-            - min(t.datetime_start for t in trials)).total_seconds()
+    return optuna.load_study(study_name=given["search.study_name"], storage=storage).trials
+
+
+def _phases(store: Path, cmd: list[str], started: float, ended: float
+            ) -> tuple[float, float, float]:
+    """Seconds of the command ``cmd`` (run from ``started`` to ``ended``, epoch seconds)
+    before its study's first trial started, from there to the last trial's end, and after."""
+    trials = _trials(store, cmd)
+    first = min(t.datetime_start for t in trials).timestamp()
+    last = max(t.datetime_complete for t in trials).timestamp()
+    return first - started, last - first, ended - last
 
 
 def _starts(journal: Path) -> list[float]:

@@ -15,6 +15,7 @@ EXPECTED = {
     "overhead": ["(c) python run.py search=optuna, 2 trials", "(a) bare Optuna loop, 2 trials"],
     "cheap": ["(c) / (b), whole command", "(c) n_workers=2 / n_workers=1, whole command"],
     "parallel": ["throughput n_workers=2 / n_workers=1, while trials run",
+                 "with the defaults: throughput n_workers=2 / n_workers=1, end to end",
                  "ceiling: two bare XGBoost fits"],
     "writer": ["writer process / in-process"],
     "scale": ["peak memory (PSS of the process tree)"],

@@ -266,14 +266,17 @@ def _client_of(uri: str) -> Any:
     """MLflow's client of the store at ``uri``.
 
     A SQLite store that another program (``mlflow ui``, a plain MLflow script) creates in
-    place fails to open while its migrations run: this process migrates it too and meets
-    the other's tables or revisions ("table ... already exists", "Online migration expected
-    to match one row"). An open that fails is tried again once the file has been still for a
-    second, a few times: a store left half-made for good still fails, with MLflow's reason.
+    place holds only some of MLflow's tables while its migrations run. Opening it then would
+    migrate it from this process too, and both fail on each other's tables ("table ...
+    already exists"). Such a store is opened once the file has been still for a second; an
+    open that still meets the last migrations is tried again, a few times. A store left
+    half-made for good fails with MLflow's own reason.
     """
     import mlflow
 
     path = Path(uri.split("sqlite:///", 1)[-1]) if urlparse(uri).scheme == "sqlite" else None
+    if path is not None and not _has_all_tables(path):
+        _wait_until_still(path)
     for _ in range(3):
         try:
             return mlflow.MlflowClient(uri)
@@ -282,6 +285,23 @@ def _client_of(uri: str) -> Any:
                 raise
         _wait_until_still(path)
     return mlflow.MlflowClient(uri)
+
+
+def _has_all_tables(path: Path) -> bool:
+    """Whether the SQLite file holds every table of MLflow's tracking schema (a file that is
+    not a database counts as whole: MLflow's open says what it is)."""
+    import sqlite3
+
+    import mlflow.store.db.utils  # noqa: F401  (it puts every table of the schema in Base)
+    from mlflow.store.db.base_sql_model import Base
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    except sqlite3.DatabaseError:
+        return True
+    return set(Base.metadata.tables) <= {name for (name,) in rows}
 
 
 def _wait_until_still(path: Path, still_s: float = 1.0, limit_s: float = 60.0) -> None:
