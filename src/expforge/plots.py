@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["model_figures", "prepare", "save_figures", "study_figures"]
+__all__ = ["model_figures", "prepare", "save_figures", "study_figures", "warm_up"]
 
 
 def prepare() -> None:
@@ -19,6 +19,23 @@ def prepare() -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot
     import optuna.visualization.matplotlib  # noqa: F401
+
+
+def warm_up() -> None:
+    """Draw once ahead, where a core is idle: a process's first figure pays for the fonts,
+    the PNG writer and fANOVA's imports, the next ones do not."""
+    import io
+
+    prepare()
+    import matplotlib.pyplot as plt
+    import optuna.importance  # noqa: F401  (fANOVA and the scikit-learn parts it needs)
+
+    fig, ax = plt.subplots()
+    ax.plot([0.0, 1.0], [0.0, 1.0], marker="o", label="warm-up")
+    ax.set(title="warm-up", xlabel="x", ylabel="y")
+    ax.legend()
+    fig.savefig(io.BytesIO(), format="png")
+    plt.close(fig)
 
 
 def model_figures(model: Any, task: str, classes: tuple[str, ...], y_val: Any,

@@ -186,14 +186,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
-        tmp_path: Path) -> None:
-    """One worker from the command line: a writer process does all the store's work (runs,
-    parent, best model) and the command's own process never loads MLflow; it draws the
-    plots, which the writer logs. No hand-over file is left behind."""
+        tmp_path: Path, workers: int) -> None:
+    """From the command line: a writer process does all the store's work (runs, parent,
+    best model); the command draws the plots, which the writer logs (with two workers, while
+    the worker that holds the best model logs it). The command's own process never loads
+    MLflow. No hand-over file or folder is left behind."""
     handover = tmp_path / "tmp"  # its own temporary folder: other tests make theirs
     handover.mkdir()
-    command = _cli(tmp_path, *FAST_RF, "search.n_trials=3")
+    command = _cli(tmp_path, *FAST_RF, "search.n_trials=3", f"search.n_workers={workers}")
     done = subprocess.run([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
                           capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "TMPDIR": str(handover)})
@@ -211,6 +213,7 @@ def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
     assert parent.data.metrics["n_complete"] == 3
     assert {"plots/optimization_history.png", "plots/param_importances.png"} <= {
         a.path for a in c.list_artifacts(parent_id, "plots")}
+    assert "study_report.html" in {a.path for a in c.list_artifacts(parent_id)}
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     assert parent.data.tags["best_run_id"] == best_run
     assert {a.path for a in c.list_artifacts(best_run, "plots")} == {

@@ -15,6 +15,7 @@ whole picture.
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,7 @@ from expforge.search.budget import TooManyFailures, counts
 from expforge.search.fixed import with_fixed
 from expforge.search.job import Job
 from expforge.search.loop import optimize
-from expforge.search.parent import finish, open_parent_run
+from expforge.search.parent import Drawn, draw_report, finish, open_parent_run
 from expforge.search.recovery import reap_orphans
 from expforge.search.report import Progress
 from expforge.search.settings import SearchSettings, settings_of
@@ -143,13 +144,21 @@ def _stop_tagged(job: Job) -> Iterator[None]:
         raise
 
 
+def _draw_ahead(job: Job, study: Any, drawn: list[Drawn | None]) -> None:
+    """The study report, drawn while the workers end. If drawing fails, ``finish`` draws it
+    again, after the workers, and that error is the one the command reports."""
+    with contextlib.suppress(Exception):
+        drawn.append(draw_report(job, study))
+
+
 def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
     """Open the store, the study and its parent run; run the trials (here or in the
     workers); finish the study."""
     settings = job.settings
     released = False
+    drawn: list[Drawn | None] = []  # the study report, drawn while the workers end
     try:
-        from expforge.plots import prepare
+        from expforge.plots import prepare, warm_up
 
         plots = settings.plots or (settings.log_models == "best" and job.tracking.log_plots)
         job.experiment_id = job.store.connect(job.tracking,
@@ -172,12 +181,17 @@ def _coordinate(job: Job, workers: list[Worker]) -> SearchResult:
             with Progress(settings, study) as progress:
                 objective = None
                 if workers:
-                    watch(job, study, workers, progress)
+                    watch(job, study, workers, progress,
+                          when_idle=warm_up if settings.plots else None,
+                          when_over=lambda: _draw_ahead(job, study, drawn))
                 else:
                     objective = optimize(job, study, progress)
             with interrupts_deferred():  # this process's own writes
-                best = finish(job, study, objective, done_before)
+                best = finish(job, study, objective, done_before, drawn.pop() if drawn else None)
     finally:
+        for report in drawn:  # drawn, never handed to finish
+            if report is not None:
+                shutil.rmtree(report.folder, ignore_errors=True)
         if not released:  # a waiting worker must hear that there is nothing to do
             for w in workers:
                 w.channel.send(None)

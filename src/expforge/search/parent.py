@@ -7,6 +7,7 @@ import contextlib
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from expforge.runner import (
     provenance_tags,
     refits,
 )
-from expforge.search.budget import Counts, counts, record_stop, since_of, stop_rule
+from expforge.search.budget import counts, record_stop, since_of, stop_rule
 from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
 from expforge.search.page import REPORT, write_report
 from expforge.search.recovery import reap_orphans
@@ -29,7 +30,7 @@ from expforge.search.report import print_report, top_trials
 from expforge.search.trial import TrialObjective
 from expforge.tracking import RunRecord, describe_dataset, ui_command
 
-__all__ = ["best_after_each_trial", "finish", "open_parent_run"]
+__all__ = ["Drawn", "best_after_each_trial", "draw_report", "finish", "open_parent_run"]
 
 REPORT_ROWS = 100  # the study report's leaderboard: the best trials, at most this many
 
@@ -87,46 +88,26 @@ def best_after_each_trial(job: Job) -> Callable[[Any, Any], None]:
     return callback
 
 
-def finish(job: Job, study: Any, objective: TrialObjective | None,
-           done_before: int = 0) -> float | None:
-    """The end of this command's part of the study: runs of processes killed meanwhile
-    repaired, the best model logged, the top trials, plots, counts and the rule that stopped
-    it on the parent run (and on the study), the table on screen; the best value (None for
-    several objectives or none complete). ``done_before``: trials done when it started."""
+@dataclass
+class Drawn:
+    """The study's figures and report page, drawn into ``folder`` (not yet on the parent
+    run), the best trials they show, and where the report can be opened."""
+
+    folder: Path
+    ranked: Any
+    where: str
+
+
+def draw_report(job: Job, study: Any) -> Drawn | None:
+    """``search.plots``: Optuna's figures and the study report, drawn once the study's trials
+    are over. With workers, the command draws them while the workers log the best model."""
     settings = job.settings
-    # Another machine's heartbeat may have failed their trials before they were linked to
-    # their runs: written or ended, not RUNNING.
-    with contextlib.suppress(Exception):
-        reap_orphans(study, job)
-    done = counts(study)
-    if not (objective is not None and objective.flush_best()):
-        _log_lost_best_model(job, study)
-    ranked = top_trials(study, settings, limit=max(REPORT_ROWS, settings.top_k))
-    table = None if ranked is None else ranked.head(settings.top_k)
-    stop = stop_rule(settings, study, done, job.deadline, since_of(settings, study))
-    if stop is not None:
-        record_stop(settings, study, stop)
-    job.store.write(RunRecord(
-        job.parent_run_id, status=None,
-        metrics={"n_complete": done.complete, "n_pruned": done.pruned, "n_failed": done.failed},
-        tags={"stop_reason": stop.reason} if stop is not None else {},
-        texts={} if table is None else {"top_trials.csv": table.to_csv(index=False)}))
-    report = _attach_report(job, study, done, ranked) if settings.plots else None
-    print_report(settings, done, table, job.parent_run_id, report,
-                 ui_command(job.tracking.uri, job.experiment_id),
-                 stop=stop, already=done.done == done_before)
-    if settings.multi_objective or done.complete == 0:
+    if not settings.plots:
         return None
-    return float(study.best_value)
+    from expforge.plots import save_figures, study_figures
 
-
-def _attach_report(job: Job, study: Any, done: Counts, ranked: Any) -> str:
-    """Optuna's figures and the study report (``ranked``: the best trials, its leaderboard)
-    on the parent run; where the report can be opened (a copy in Hydra's output folder of the
-    command, when there is one)."""
-    from expforge.plots import study_figures
-
-    settings = job.settings
+    done = counts(study)
+    ranked = top_trials(study, settings, limit=max(REPORT_ROWS, settings.top_k))
     metrics = [o.metric for o in settings.objectives]
     figures = study_figures(study, metrics) if done.complete >= 2 else {}
     objectives = ", ".join(f"{o.metric} ({o.direction})" for o in settings.objectives)
@@ -144,17 +125,64 @@ def _attach_report(job: Job, study: Any, done: Counts, ranked: Any) -> str:
         best = study.best_trial
         facts["best"] = (f"{best.value:.6g} (trial {best.number}, run "
                          f"{best.user_attrs.get(RUN_ATTR, '?')})")
-    copy = Path(job.context.output_dir, REPORT) if job.context.output_dir else None
-
-    def add(folder: Path) -> None:
+    folder = Path(save_figures(figures))
+    try:
         page = write_report(folder, list(figures), f"Study {settings.study_name}", facts,
                             ranked)
-        if copy is not None:
+        where = f"{REPORT} on the parent run"
+        if job.context.output_dir:  # a copy in Hydra's output folder of the command
+            copy = Path(job.context.output_dir, REPORT)
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(page, copy)
+            where = str(copy)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return Drawn(folder, ranked, where)
 
-    attach_figures(job.store, job.parent_run_id, figures, add)
-    return str(copy) if copy is not None else f"{REPORT} on the parent run"
+
+def finish(job: Job, study: Any, objective: TrialObjective | None,
+           done_before: int = 0, drawn: Drawn | None = None) -> float | None:
+    """The end of this command's part of the study: runs of processes killed meanwhile
+    repaired, the best model logged, the top trials, plots, counts and the rule that stopped
+    it on the parent run (and on the study), the table on screen; the best value (None for
+    several objectives or none complete). ``done_before``: trials done when it started;
+    ``drawn``: the report, if it was drawn already (``draw_report``)."""
+    settings = job.settings
+    try:
+        # Another machine's heartbeat may have failed their trials before they were linked
+        # to their runs: written or ended, not RUNNING.
+        with contextlib.suppress(Exception):
+            reap_orphans(study, job)
+        done = counts(study)
+        if not (objective is not None and objective.flush_best()):
+            _log_lost_best_model(job, study)
+        if drawn is None:
+            drawn = draw_report(job, study)
+    except BaseException:
+        if drawn is not None:  # not handed over
+            shutil.rmtree(drawn.folder, ignore_errors=True)
+        raise
+    ranked = drawn.ranked if drawn is not None else top_trials(
+        study, settings, limit=max(REPORT_ROWS, settings.top_k))
+    table = None if ranked is None else ranked.head(settings.top_k)
+    stop = stop_rule(settings, study, done, job.deadline, since_of(settings, study))
+    if stop is not None:
+        record_stop(settings, study, stop)
+    job.store.write(RunRecord(
+        job.parent_run_id, status=None,
+        metrics={"n_complete": done.complete, "n_pruned": done.pruned, "n_failed": done.failed},
+        tags={"stop_reason": stop.reason} if stop is not None else {},
+        texts={} if table is None else {"top_trials.csv": table.to_csv(index=False)}))
+    if drawn is not None:
+        job.store.attach_files(job.parent_run_id, str(drawn.folder))
+    print_report(settings, done, table, job.parent_run_id,
+                 drawn.where if drawn is not None else None,
+                 ui_command(job.tracking.uri, job.experiment_id),
+                 stop=stop, already=done.done == done_before)
+    if settings.multi_objective or done.complete == 0:
+        return None
+    return float(study.best_value)
 
 
 def _log_lost_best_model(job: Job, study: Any) -> None:

@@ -143,7 +143,8 @@ class Progress:
     def callback(self, study: Any, trial: Any) -> None:
         self.refresh()
 
-    def refresh(self) -> None:
+    def refresh(self) -> Counts:
+        """The bar brought up to date; the counts it shows."""
         now = counts(self.study)
         status = f"pruned {now.pruned} failed {now.failed}"
         if not self.settings.multi_objective and now.complete:
@@ -154,3 +155,4 @@ class Progress:
                 pass
         self.bar.update(self.task, completed=min(now.done, self.settings.n_trials),
                         status=status)
+        return now

@@ -6,12 +6,13 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from expforge.errors import SearchError
 from expforge.process import guarded, interrupts_deferred, stop, terminate_as_interrupt
-from expforge.search.budget import check_failures, counts
+from expforge.search.budget import check_failures, counts, since_of, stop_rule
 from expforge.search.job import Job
 from expforge.search.loop import optimize
 from expforge.search.recovery import reap_orphans
@@ -79,13 +80,26 @@ def _work(job: Job, index: int) -> None:
         objective.flush_best()
 
 
-def watch(job: Job, study: Any, workers: list[Worker], progress: Progress) -> None:
-    """Follow the workers; a worker that dies has its trial failed so the slot is retried."""
+def watch(job: Job, study: Any, workers: list[Worker], progress: Progress,
+          when_idle: Callable[[], None] | None = None,
+          when_over: Callable[[], None] | None = None) -> None:
+    """Follow the workers; a worker that dies has its trial failed so the slot is retried.
+    Called once each, while the workers go on: ``when_idle`` when every slot of the budget
+    is taken (a core is left idle as the last trials run), ``when_over`` when no trial runs
+    and none will start (one worker logs the best model)."""
     from multiprocessing.connection import wait
 
+    since = since_of(job.settings, study)
     while any(w.process.is_alive() for w in workers):
         wait([w.process.sentinel for w in workers if not w.reaped], timeout=0.5)
-        progress.refresh()
+        now = progress.refresh()
+        if when_over is not None and now.running == 0 and stop_rule(
+                job.settings, study, now, job.deadline, since) is not None:
+            when_over()
+            when_idle = when_over = None
+        elif when_idle is not None and now.taken >= job.settings.n_trials:
+            when_idle()
+            when_idle = None
         for w in workers:
             if not w.process.is_alive() and not w.reaped:
                 w.reaped = True
