@@ -159,9 +159,11 @@ def overhead(store: Path, sizes: tuple[int, ...], reps: int, table: Table) -> di
 
 
 def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table,
-             multirun_too: bool = True) -> None:
-    """XGBoost, one thread per worker: 2 workers against 1, and a joblib multirun (not in the
-    smoke run: tests/test_experiments.py runs the joblib launcher)."""
+             full: bool = True) -> None:
+    """XGBoost, one thread per worker: 2 workers against 1 with the defaults (plots, the best
+    model) and, in a full run, with plots and model logging off, and a joblib multirun (the
+    smoke run leaves both out: the same commands, and tests/test_experiments.py runs the
+    joblib launcher)."""
     # The same work in every trial of every contender: the space keeps only the parameters
     # that leave a fit's cost alone (learning_rate, reg_lambda). With subsample and
     # colsample_bytree in it, the two workers' seeds drew other values than the one worker's
@@ -198,7 +200,7 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
     spans: dict[str, list[float]] = {"1": [], "2": []}
     phases: dict[str, list[tuple[float, float, float]]] = {"1d": [], "2d": []}
     for _ in range(reps):
-        for workers in ("1", "2"):
+        for workers in ("1", "2") if full else ():
             cmd = search(int(workers))
             times[workers].append(run(cmd).wall_s)
             spans[workers].append(_span(store, cmd))
@@ -207,20 +209,22 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
             started = time.time()
             times[workers].append(run(cmd).wall_s)
             phases[workers].append(_phases(store, cmd, started, time.time()))
-        if multirun_too:
+        if full:
             times["joblib"].append(run(multirun()).wall_s)
     med = {k: statistics.median(v) for k, v in times.items() if v}
-    span = {k: statistics.median(v) for k, v in spans.items()}
+    span = {k: statistics.median(v) for k, v in spans.items() if v}
     phase = {k: [statistics.median(p[i] for p in v) for i in range(3)]
              for k, v in phases.items()}
-    table.add(f"search.n_workers=1, {n_trials} trials", f"{med['1']:.2f} s")
-    table.add(f"search.n_workers=2, {n_trials} trials", f"{med['2']:.2f} s")
-    if multirun_too:
+    if full:
+        table.add(f"search.n_workers=1, {n_trials} trials", f"{med['1']:.2f} s")
+        table.add(f"search.n_workers=2, {n_trials} trials", f"{med['2']:.2f} s")
         table.add(f"joblib multirun, 2 jobs at a time, {multirun_jobs} runs",
                   f"{med['joblib']:.2f} s")
-    table.add("throughput n_workers=2 / n_workers=1, end to end", f"{med['1'] / med['2']:.2f}x")
-    table.add("throughput n_workers=2 / n_workers=1, while trials run (first start to "
-              "last end)", f"{span['1'] / span['2']:.2f}x ({span['1']:.2f} s / {span['2']:.2f} s)")
+        table.add("throughput n_workers=2 / n_workers=1, end to end",
+                  f"{med['1'] / med['2']:.2f}x")
+        table.add("throughput n_workers=2 / n_workers=1, while trials run (first start to "
+                  "last end)",
+                  f"{span['1'] / span['2']:.2f}x ({span['1']:.2f} s / {span['2']:.2f} s)")
     table.add(f"with the defaults (plots, best model): n_workers=1, {n_trials} trials",
               f"{med['1d']:.2f} s")
     table.add(f"with the defaults: n_workers=2, {n_trials} trials", f"{med['2d']:.2f} s")
@@ -230,7 +234,7 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
         before, trials, after = phase[k]
         table.add(f"with the defaults, n_workers={k[0]}: before the first trial / trials / "
                   "after the last", f"{before:.2f} s / {trials:.2f} s / {after:.2f} s")
-    if multirun_too:
+    if full:
         table.add("throughput n_workers=2 / joblib multirun (per trial)",
                   f"{(med['joblib'] / multirun_jobs) / (med['2'] / n_trials):.2f}x")
     table.add("ceiling: two bare XGBoost fits side by side / one after the other",
@@ -524,7 +528,7 @@ def main() -> None:
             tables.append(Table("Parallel throughput (xgb, 1 thread per worker)"))
             print(tables[-1].title, flush=True)
             parallel(store, 2000 if args.smoke else 20000, 2 if args.smoke else 16, reps,
-                     tables[-1], multirun_too=not args.smoke)
+                     tables[-1], full=not args.smoke)
         if "writer" in sections:
             tables.append(Table("Writer process against the in-process store"))
             print(tables[-1].title, flush=True)

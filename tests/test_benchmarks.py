@@ -14,8 +14,8 @@ from .conftest import ROOT
 EXPECTED = {
     "overhead": ["(c) python run.py search=optuna, 2 trials", "(a) bare Optuna loop, 2 trials"],
     "cheap": ["(c) / (b), whole command", "(c) n_workers=2 / n_workers=1, whole command"],
-    "parallel": ["throughput n_workers=2 / n_workers=1, while trials run",
-                 "with the defaults: throughput n_workers=2 / n_workers=1, end to end",
+    "parallel": ["with the defaults: throughput n_workers=2 / n_workers=1, end to end",
+                 "with the defaults, n_workers=2: before the first trial",
                  "ceiling: two bare XGBoost fits"],
     "writer": ["writer process / in-process"],
     "scale": ["peak memory (PSS of the process tree)"],

@@ -186,16 +186,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("workers", [1, 2])
 def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
-        tmp_path: Path, workers: int) -> None:
-    """From the command line: a writer process does all the store's work (runs, parent,
-    best model); the command draws the plots, which the writer logs (with two workers, while
-    the worker that holds the best model logs it). The command's own process never loads
-    MLflow. No hand-over file or folder is left behind."""
+        tmp_path: Path) -> None:
+    """One worker from the command line: a writer process does all the store's work (runs,
+    parent, best model) and the command's own process never loads MLflow; it draws the
+    plots, which the writer logs. No hand-over file is left behind."""
     handover = tmp_path / "tmp"  # its own temporary folder: other tests make theirs
     handover.mkdir()
-    command = _cli(tmp_path, *FAST_RF, "search.n_trials=3", f"search.n_workers={workers}")
+    command = _cli(tmp_path, *FAST_RF, "search.n_trials=3")
     done = subprocess.run([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
                           capture_output=True, text=True, timeout=300, check=False,
                           env={**os.environ, "TMPDIR": str(handover)})
@@ -213,7 +211,6 @@ def test_cli_study_with_a_writer_process_records_plots_figures_and_model(
     assert parent.data.metrics["n_complete"] == 3
     assert {"plots/optimization_history.png", "plots/param_importances.png"} <= {
         a.path for a in c.list_artifacts(parent_id, "plots")}
-    assert "study_report.html" in {a.path for a in c.list_artifacts(parent_id)}
     best_run = study.best_trial.user_attrs["mlflow_run_id"]
     assert parent.data.tags["best_run_id"] == best_run
     assert {a.path for a in c.list_artifacts(best_run, "plots")} == {
@@ -244,10 +241,15 @@ def test_two_spawned_workers_where_mlflow_is_loaded(plain, store, tmp_path: Path
 
 def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
     """Two forked workers write their runs through the search's writer process: the
-    command's own process never loads MLflow, and every run is whole."""
+    command's own process never loads MLflow, and every run is whole. The command draws the
+    study's plots and report while the worker with the best model logs it and its plots; no
+    hand-over file or folder is left behind."""
+    handover = tmp_path / "tmp"  # its own temporary folder: other tests make theirs
+    handover.mkdir()
     command = _cli(tmp_path, *FAST_RF, "search.n_trials=7", "search.n_workers=2")
     done = subprocess.run([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "TMPDIR": str(handover)})
     assert done.returncode == 0, done.stderr[-3000:]
     # The command never loaded MLflow, and its start-up turned the collector back on.
     assert "mlflow loaded here: False gc enabled: True" in done.stdout, done.stdout[-2000:]
@@ -264,9 +266,15 @@ def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
         assert len(run.inputs.dataset_inputs) == 3
     parent = c.get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.metrics["n_complete"] == 7
+    assert "study_report.html" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"plots/optimization_history.png", "plots/parallel_coordinate.png"} <= {
+        a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
     best = study.best_trial.user_attrs["mlflow_run_id"]
     assert c.search_logged_models(experiment_ids=[parent.info.experiment_id],
                                   filter_string=f"source_run_id = '{best}'")
+    assert {a.path for a in c.list_artifacts(best, "plots")} == {
+        "plots/feature_importance.png", "plots/predicted_vs_actual.png", "plots/residuals.png"}
+    assert not list(handover.glob("expforge-*"))
 
 
 @pytest.mark.parametrize("workers", [1, 2])
