@@ -187,16 +187,24 @@ def study_figures(study: Any, metrics: Sequence[str]) -> dict[str, Any]:
 
 def save_figures(figures: dict[str, Any]) -> str:
     """The figures as PNG files under a new private folder (``<folder>/<path>``), closed;
-    the folder, for a run writer to log and remove (``tracking.log_files``)."""
+    the folder, for a run writer to log and remove (``tracking.log_files``). Interrupted
+    (Ctrl-C while a command draws them), it leaves no folder behind."""
+    import shutil
     import tempfile
     from pathlib import Path
 
     import matplotlib.pyplot as plt
 
     folder = tempfile.mkdtemp(prefix="expforge-figures-")  # mode 0700
-    for path, fig in figures.items():
-        target = Path(folder, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target)
-        plt.close(fig)
+    try:
+        for path, fig in figures.items():
+            target = Path(folder, path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
     return folder

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
+import pytest
 
 from expforge.plots import save_figures, study_figures
 from expforge.search.page import report_page, write_report
@@ -42,3 +43,23 @@ def test_values_are_text_not_markup() -> None:
     text = report_page("Study <b>x</b>", {"storage": "<img src=x>"}, table, {})
     assert "<script>alert" not in text and "<img src=x>" not in text and "<b>x</b>" not in text
     assert "&lt;script&gt;" in text and "Study &lt;b&gt;x&lt;/b&gt;" in text
+
+
+def test_figures_interrupted_while_saved_leave_no_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the command draws a study's figures (with workers, that is while the
+    workers end, outside the command's deferred interrupts) leaves no folder in TMPDIR."""
+    import tempfile
+
+    from matplotlib.artist import Artist
+
+    class Interrupted(Artist):  # Ctrl-C arriving while the figure is drawn
+        def draw(self, renderer: object) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    figures = study_figures(_two_objective_study(), ["val_rmse", "fit_time_s"])
+    list(figures.values())[1].add_artist(Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        save_figures(figures)
+    assert list(tmp_path.iterdir()) == []
