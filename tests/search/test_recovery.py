@@ -150,6 +150,35 @@ def test_a_stale_trial_whose_run_id_never_arrived_has_its_run_ended(store) -> No
     assert c.get_run(run).data.tags["optuna.trial_state"] == "FAIL"
 
 
+def test_an_interrupt_after_a_trial_handed_its_run_over_tags_the_run_fail(store) -> None:
+    """Ctrl-C or SIGTERM inside the objective once its run was handed over finished: Optuna
+    fails the trial itself (no RUNNING trial is left to repair), and the run, written
+    COMPLETE, is tagged FAIL like the trial. A trial failed by its config keeps its run."""
+    from expforge.search.recovery import tag_interrupted
+    from expforge.tracking import LocalStore
+
+    c = client(store["uri"])
+    exp_id = c.create_experiment("interrupted")
+    study = optuna.create_study(study_name="interrupted")
+    runs = []
+    for number, attrs in enumerate([{}, {"error": "ValueError: bad config"}]):
+        run = c.create_run(exp_id, tags={
+            "optuna.study_name": "interrupted", "optuna.trial_number": str(number),
+            "expforge.role": "trial", "optuna.trial_state": "COMPLETE"}).info.run_id
+        c.set_terminated(run, "FINISHED")
+        study.add_trial(optuna.trial.create_trial(
+            state=optuna.trial.TrialState.FAIL, user_attrs={"mlflow_run_id": run, **attrs}))
+        runs.append(run)
+    local = LocalStore(store["uri"])
+    tag_interrupted(local, exp_id, study, 0)
+    tag_interrupted(local, exp_id, study, 1)
+    tag_interrupted(local, exp_id, study, None)  # no trial started yet
+    local.flush()
+    assert c.get_run(runs[0]).data.tags["optuna.trial_state"] == "FAIL"
+    assert c.get_run(runs[0]).info.status == "FINISHED"  # its end stays as it was written
+    assert c.get_run(runs[1]).data.tags["optuna.trial_state"] == "COMPLETE"
+
+
 def test_a_best_run_killed_while_its_model_was_logged_is_ended_with_its_model(
         tmp_path: Path) -> None:
     """log_models=best logs the best model at a session's end. A SIGKILL then leaves the best

@@ -11,7 +11,7 @@ from typing import Any
 from expforge.search.budget import check_failures, counts, since_of, stop_rule
 from expforge.search.job import Job
 from expforge.search.parent import best_after_each_trial
-from expforge.search.recovery import reap_orphans, recover_stale
+from expforge.search.recovery import reap_orphans, recover_stale, tag_interrupted
 from expforge.search.report import Progress, report_failure
 from expforge.search.trial import TrialObjective
 
@@ -41,6 +41,8 @@ def optimize(job: Job, study: Any, progress: Progress | None) -> TrialObjective:
             # still RUNNING ended KILLED. Best effort: the interrupt goes on regardless.
             with contextlib.suppress(Exception):
                 reap_orphans(study, job, pid=os.getpid())
+            with contextlib.suppress(Exception):
+                tag_interrupted(job.store, job.experiment_id, study, objective.last)
     check_failures(settings, counts(study))
     return objective
 

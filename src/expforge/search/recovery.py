@@ -19,7 +19,7 @@ from expforge.search.job import HOST_ATTR, METRICS_ATTR, PID_ATTR, RUN_ATTR, Job
 from expforge.tracking import RunRecord, Store
 
 __all__ = ["FailedTrialRun", "end_trial_run", "heartbeats_used", "reap_orphans",
-           "recover_stale"]
+           "recover_stale", "tag_interrupted"]
 
 
 def reap_orphans(study: Any, job: Job, pid: int | None = None, rewrite: bool = True) -> None:
@@ -70,6 +70,20 @@ def end_trial_run(store: Store, experiment_id: str, study: Any, trial: Any,
             experiment_id, study.study_name).get(str(trial.number))
         if run_id:
             store.end_run(run_id, status, {"optuna.trial_state": "FAIL"})
+
+
+def tag_interrupted(store: Store, experiment_id: str, study: Any, number: int | None) -> None:
+    """After an interrupt, the run of this process's latest trial (``number``). An interrupt
+    that lands in the objective after its run was handed over finished makes Optuna fail the
+    trial itself, so ``reap_orphans`` (RUNNING trials) does not see it: its run, which says
+    COMPLETE, is tagged FAIL like the trial."""
+    from optuna.trial import TrialState
+
+    if number is None:
+        return
+    trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
+    if trial is not None and trial.state == TrialState.FAIL and "error" not in trial.user_attrs:
+        end_trial_run(store, experiment_id, study, trial, "KILLED")
 
 
 class FailedTrialRun:

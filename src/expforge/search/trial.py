@@ -48,6 +48,7 @@ class TrialObjective:
         self.stop_error: ExpforgeError | None = None
         # The study's command line is on the parent run; a trial's own values are its params.
         self.context = RunContext(choices=job.context.choices)
+        self.last: int | None = None  # the number of this process's latest trial
 
     def __call__(self, trial: Any) -> Any:
         import optuna
@@ -67,6 +68,7 @@ class TrialObjective:
         import optuna
 
         job, settings = self.job, self.job.settings
+        self.last = trial.number
         trial.set_user_attr(PID_ATTR, os.getpid())
         trial.set_user_attr(HOST_ATTR, socket.gethostname())
         if rank(self.study, trial.number) >= settings.n_trials:
