@@ -20,6 +20,17 @@ from expforge.process import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _interrupt_forgotten(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests send Ctrl-C and SIGTERM to the test process itself, which remembers when
+    one came (``process.interrupted_for``): forgotten after each, so that a later test's
+    writer client, in the same test process, does not take it for a Ctrl-C 10 s ago and
+    stop its writer (seen as a crashed xdist worker)."""
+    import expforge.process
+
+    monkeypatch.setattr(expforge.process, "_interrupted_at", None)
+
+
 def test_ctrl_c_inside_a_store_write_waits_for_its_end() -> None:
     done = []
     with pytest.raises(KeyboardInterrupt), interrupts_deferred():

@@ -191,3 +191,27 @@ def test_a_dead_writer_is_one_clear_error(tmp_path: Path) -> None:
         for _ in range(100):  # the pipe may take a moment to tell
             writer.wait(writer.create_run(experiment, "late", {}))
             time.sleep(0.05)
+
+
+def test_an_interrupt_of_an_earlier_study_does_not_stop_a_later_writer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A notebook: one study stopped by Ctrl-C, then another in the same process. The
+    process remembers the interrupt; the second study's writer must not take it for its own
+    and stop after ``STOP_GRACE_S``."""
+    import os
+
+    import expforge.process
+    from expforge.process import interrupts_deferred
+    from expforge.tracking._writer import client as writer_client
+
+    monkeypatch.setattr(expforge.process, "_interrupted_at", None)
+    monkeypatch.setattr(writer_client, "STOP_GRACE_S", 0.0)
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)  # the first study's Ctrl-C
+    assert expforge.process.interrupted_for() is not None
+    settings = _settings(tmp_path, "later")
+    writer = WriterClient(settings.uri)
+    experiment = writer.connect(settings)
+    run = writer.wait(writer.create_run(experiment, "later", {}))
+    writer.close()
+    assert writer.exitcode == 0 and client(settings.uri).get_run(run).info.status == "RUNNING"

@@ -178,6 +178,7 @@ class WriterClient(Store):
 
     def _attach(self, client: int) -> None:
         self._client = client
+        self._opened = time.monotonic()  # an interrupt before this ended another study
         self._requests, self._replies = self._ends[client]
         # Requests that await a value, by id: (future, on_created, what failed).
         self._awaiting: dict[int, tuple[Future[Any], Callable[[str], None] | None, str]] = {}
@@ -249,7 +250,9 @@ class WriterClient(Store):
         the command for minutes), when client 0 stops the writer without the writes it
         still holds."""
         since = interrupted_for()
-        if since is not None and since > STOP_GRACE_S:
+        if since is None or time.monotonic() - since < self._opened:
+            return  # no interrupt, or one of an earlier study of this process (a notebook's)
+        if since > STOP_GRACE_S:
             if self._process is not None:
                 self._process.kill()
                 self._process.join(timeout=5)
