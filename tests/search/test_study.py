@@ -247,10 +247,17 @@ def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
     handover = tmp_path / "tmp"  # its own temporary folder: other tests make theirs
     handover.mkdir()
     command = _cli(tmp_path, *FAST_RF, "search.n_trials=7", "search.n_workers=2")
-    done = subprocess.run([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
-                          capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "TMPDIR": str(handover)})
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.Popen([command[0], "-c", _REPORTS_MLFLOW, *command[1:]],
+                                stdout=stdout, stderr=stderr, text=True,
+                                env={**os.environ, "TMPDIR": str(handover)})
+        names = _names_until_exit(proc, timeout=300)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(),
+                                       err.read_text())
     assert done.returncode == 0, done.stderr[-3000:]
+    # top and ps tell the writer and the workers apart
+    assert {"expforge-writer", "expforge-work0", "expforge-work1"} <= names, names
     # The command never loaded MLflow, and its start-up turned the collector back on.
     assert "mlflow loaded here: False gc enabled: True" in done.stdout, done.stdout[-2000:]
     _assert_budget_exact(tmp_path, 7)
@@ -275,6 +282,28 @@ def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
     assert {a.path for a in c.list_artifacts(best, "plots")} == {
         "plots/feature_importance.png", "plots/predicted_vs_actual.png", "plots/residuals.png"}
     assert not list(handover.glob("expforge-*"))
+
+
+def _names_until_exit(proc: subprocess.Popen[str], timeout: float) -> set[str]:
+    """The names (``/proc/PID/comm``) of ``proc``'s descendants, seen until it exits."""
+    names: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"still running after {timeout} s")
+        family = {proc.pid}
+        for entry in sorted(Path("/proc").glob("[0-9]*"), key=lambda e: int(e.name)):
+            try:
+                stat = (entry / "stat").read_text()
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) in family:
+                family.add(int(entry.name))
+                names.add(name)
+        time.sleep(0.01)
+    return names
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from expforge.errors import SearchError
-from expforge.process import guarded, interrupts_deferred, stop, terminate_as_interrupt
+from expforge.process import (
+    guarded,
+    interrupts_deferred,
+    name_process,
+    stop,
+    terminate_as_interrupt,
+)
 from expforge.search.budget import check_failures, counts, since_of, stop_rule
 from expforge.search.job import Job
 from expforge.search.loop import optimize
@@ -53,6 +59,7 @@ def start_workers(job: Job, fork: bool) -> list[Worker]:
 
 def _worker_main(job: Job, index: int, channel: Any, command_ends: list[Any]) -> None:
     """A worker: wait for the parent run, then take trials until the budget is spent."""
+    name_process(f"expforge-work{index}")
     for end in command_ends:
         end.close()
     job.store = job.store.for_client(index + 1)

@@ -24,7 +24,7 @@ from typing import Any
 
 from expforge.config import mask_uri
 from expforge.errors import ExpforgeError, error_line
-from expforge.process import freeze_loaded, ignore_interrupts
+from expforge.process import freeze_loaded, ignore_interrupts, name_process
 from expforge.tracking._writer import messages as m
 from expforge.tracking.local import LocalStore
 from expforge.tracking.models import load_model_code
@@ -48,6 +48,7 @@ def serve(uri: str, requests: list[Any], replies: list[Any], parent: int,
     from multiprocessing.connection import wait
 
     ignore_interrupts()
+    name_process("expforge-writer")
     for ends in client_ends:
         for end in ends:
             end.close()
