@@ -35,6 +35,12 @@ HERE = Path(__file__).resolve().parent
 class Measure:
     wall_s: float
     peak_mb: float
+    cpu_s: float = 0.0  # user + system seconds of the whole process tree
+    roles: dict[str, float] = field(default_factory=dict)  # CPU seconds by process name
+
+
+# A search's processes by name (expforge.process.name_process); the command is the root.
+ROLES = (("expforge-writer", "writer"), ("expforge-work", "workers"))
 
 
 @dataclass
@@ -47,22 +53,47 @@ class Table:
         print(f"  {name:58s} {value}", flush=True)
 
 
-def _tree_pss_kb(pid: int) -> int:
-    """PSS of ``pid`` and all its descendants (KiB)."""
+def _tree(pid: int) -> dict[int, tuple[str, float]]:
+    """``pid`` and all its descendants: name and CPU seconds (user + system) of each."""
     children: dict[int, list[int]] = {}
+    facts: dict[int, tuple[str, float]] = {}
+    tick = os.sysconf("SC_CLK_TCK")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                stat = f.read()
         except OSError:
             continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+        name, rest = stat[stat.index("(") + 1:].rsplit(")", 1)
+        fields = rest.split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        facts[int(entry)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    tree, todo = {}, [pid]
     while todo:
         p = todo.pop()
         todo.extend(children.get(p, []))
+        if p in facts:
+            tree[p] = facts[p]
+    return tree
+
+
+def _roles(pid: int, seen: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds of the command (``pid``), its writer, its workers and anything else."""
+    roles: dict[str, float] = {}
+    for p, (name, cpu) in seen.items():
+        role = "command" if p == pid else next(
+            (r for prefix, r in ROLES if name.startswith(prefix)), "other")
+        roles[role] = roles.get(role, 0.0) + cpu
+    return roles
+
+
+def _tree_pss_kb(pid: int) -> int:
+    """PSS of ``pid`` and all its descendants (KiB)."""
+    total, todo = 0, list(_tree(pid))
+    while todo:
+        p = todo.pop()
         try:
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
@@ -74,29 +105,43 @@ def _tree_pss_kb(pid: int) -> int:
     return total
 
 
-def run(cmd: list[str], cwd: Path = ROOT, sample_memory: bool = False) -> Measure:
+def run(cmd: list[str], cwd: Path = ROOT, sample_memory: bool = False,
+        sample_cpu: bool = False) -> Measure:
+    """``cmd`` to its end; its wall time, the CPU time of its process tree (every process it
+    started waits for its own) and, sampled, its peak memory and its processes' CPU by role."""
+    import resource
+
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     peak = [0]
+    seen: dict[int, tuple[str, float]] = {}  # each process's last name and CPU seconds
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_pss_kb(proc.pid))
-            stop.wait(0.25)
+            if sample_memory:
+                peak[0] = max(peak[0], _tree_pss_kb(proc.pid))
+            if sample_cpu:
+                seen.update(_tree(proc.pid))
+            stop.wait(0.25 if sample_memory else 0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
-    if sample_memory:
+    if sample_memory or sample_cpu:
         sampler.start()
     _, err = proc.communicate()
     wall = time.perf_counter() - start
     stop.set()
+    if sampler.is_alive():
+        sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n"
                          f"{err[-3000:]}")
-    return Measure(wall, peak[0] / 1024)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return Measure(wall, peak[0] / 1024, cpu, _roles(proc.pid, seen) if sample_cpu else {})
 
 
 def expforge(store: Path, *args: str) -> list[str]:
@@ -237,8 +282,15 @@ def parallel(store: Path, n_samples: int, n_trials: int, reps: int, table: Table
     if full:
         table.add("throughput n_workers=2 / joblib multirun (per trial)",
                   f"{(med['joblib'] / multirun_jobs) / (med['2'] / n_trials):.2f}x")
+    ceiling = _ceiling(n_samples)
     table.add("ceiling: two bare XGBoost fits side by side / one after the other",
-              f"{_ceiling(n_samples):.2f}x")
+              f"{ceiling:.2f}x")
+    # The most two workers could give with the defaults: the start-up before the first trial
+    # as with one worker (the trials need the data and the study), the trials at the
+    # ceiling, and the work after the last trial (it needs the last trial) on both cores.
+    before, trials, after = phase["1d"]
+    table.add("with the defaults: the most n_workers=2 / n_workers=1 could be here",
+              f"{med['1d'] / (before + trials / ceiling + after / 2):.2f}x")
 
 
 def _span(store: Path, cmd: list[str]) -> float:
@@ -305,10 +357,12 @@ CHEAP = ["model=linear", "search.pruner=null", "search.plots=false",
          "search.sampler._target_=optuna.samplers.RandomSampler"]
 
 
-def cheap(store: Path, n_trials: int, reps: int, table: Table, busy: bool = False) -> None:
+def cheap(store: Path, n_trials: int, reps: int, table: Table, busy: bool = False
+          ) -> dict[str, float]:
     """Issue 18: Ridge on diabetes, RandomSampler seeded, a journal file per study, warm SQLite
     stores (one per contender, each made as its own tool makes it): the bare Optuna loop,
-    the hand-written MLflow loop, ``run.py`` with one and with two workers."""
+    the hand-written MLflow loop, ``run.py`` with one and with two workers. The median wall
+    time of each."""
     counter = iter(range(10**6))
     window = [(1, max(2, n_trials // 8)), (max(1, n_trials // 4), n_trials // 2),
               (max(1, n_trials * 3 // 4), n_trials)]
@@ -337,26 +391,42 @@ def cheap(store: Path, n_trials: int, reps: int, table: Table, busy: bool = Fals
         for name in ("b", "b2", "c"):
             run(contender(name, 2)[0])
     walls: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
+    roles: dict[tuple[str, str], list[float]] = {}
     gaps: dict[tuple[str, int], list[float]] = {}
     with _busy(busy):
         for _ in range(reps):
             for name in names:
                 cmd, journal = contender(name, n_trials)
-                walls.setdefault(name, []).append(run(cmd).wall_s)
+                measure = run(cmd, sample_cpu=name in ("c", "c2"))
+                walls.setdefault(name, []).append(measure.wall_s)
+                cpus.setdefault(name, []).append(measure.cpu_s)
+                for role, seconds in measure.roles.items():
+                    roles.setdefault((name, role), []).append(seconds)
                 starts = _starts(journal)
                 for i, (first, last) in enumerate(window):
                     gaps.setdefault((name, i), []).append(_gap_ms(starts, first, last))
     med = {k: statistics.median(v) for k, v in walls.items()}
+    cpu = {k: statistics.median(v) for k, v in cpus.items()}
     for name, label in names.items():
         per = ", ".join(f"{first}-{last}: {statistics.median(gaps[(name, i)]):.1f} ms"
                         for i, (first, last) in enumerate(window))
-        table.add(f"{label}, {n_trials} trials", f"{med[name]:.2f} s (per trial {per})")
+        table.add(f"{label}, {n_trials} trials",
+                  f"{med[name]:.2f} s, CPU {cpu[name]:.1f} s (per trial {per})")
+    for name in ("c", "c2"):
+        split = {role: statistics.median(v) for (n, role), v in roles.items() if n == name
+                 and statistics.median(v) >= 0.05}  # not the git subprocess's instants
+        busy_share = split.get("writer", 0) / med[name]
+        table.add(f"{names[name]}: CPU by process",
+                  ", ".join(f"{role} {seconds:.1f} s" for role, seconds in sorted(split.items()))
+                  + f"; the writer busy {busy_share:.0%} of the command's time")
     table.add("(c) / (b), whole command", f"{med['c'] / med['b']:.2f}x (goal <= 1.0x)")
     table.add("(c) / (b) recording as much, whole command", f"{med['c'] / med['b2']:.2f}x")
     late, early = (statistics.median(gaps[("c", i)]) for i in (2, 0))
     table.add(f"(c) per trial, trials {window[2][0]}-{window[2][1]} / {window[0][0]}-"
               f"{window[0][1]}", f"{late / early:.2f}x (goal <= 1.1x)")
     table.add("(c) n_workers=2 / n_workers=1, whole command", f"{med['c'] / med['c2']:.2f}x")
+    return med
 
 
 def _ceiling(n_samples: int) -> float:
@@ -518,12 +588,19 @@ def main() -> None:
             tables.append(Table("Overhead of tracking (diabetes, rf n_jobs=1, TPE seeded)"))
             print(tables[-1].title, flush=True)
             overhead(store, (2,) if args.smoke else (10, 40), reps, tables[-1])
+        walls: dict[bool, dict[str, float]] = {}
         for busy in (False, True):
             if ("cheap-busy" if busy else "cheap") in sections:
                 tables.append(Table("Cheap trials (Ridge on diabetes, RandomSampler, journal)"
                                     + (", one core kept busy" if busy else "")))
                 print(tables[-1].title, flush=True)
-                cheap(store, 8 if args.smoke else 400, reps, tables[-1], busy=busy)
+                walls[busy] = cheap(store, 8 if args.smoke else 400, reps, tables[-1], busy=busy)
+        if len(walls) == 2:
+            tables.append(Table("Cheap trials, from quiet to one core kept busy"))
+            print(tables[-1].title, flush=True)
+            for name in ("b", "c", "c2"):
+                tables[-1].add(f"slowdown, busy / quiet: ({name})",
+                               f"{walls[True][name] / walls[False][name]:.2f}x")
         if "parallel" in sections:
             tables.append(Table("Parallel throughput (xgb, 1 thread per worker)"))
             print(tables[-1].title, flush=True)

@@ -13,10 +13,12 @@ from .conftest import ROOT
 
 EXPECTED = {
     "overhead": ["(c) python run.py search=optuna, 2 trials", "(a) bare Optuna loop, 2 trials"],
-    "cheap": ["(c) / (b), whole command", "(c) n_workers=2 / n_workers=1, whole command"],
+    "cheap": ["(c) / (b), whole command", "(c) n_workers=2 / n_workers=1, whole command",
+              "(c) with search.n_workers=2: CPU by process | command"],
     "parallel": ["with the defaults: throughput n_workers=2 / n_workers=1, end to end",
                  "with the defaults, n_workers=2: before the first trial",
-                 "ceiling: two bare XGBoost fits"],
+                 "ceiling: two bare XGBoost fits",
+                 "with the defaults: the most n_workers=2 / n_workers=1 could be here"],
     "writer": ["writer process / in-process"],
     "scale": ["peak memory (PSS of the process tree)"],
     "startup": ["run.py / hand-written"],
