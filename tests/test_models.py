@@ -42,3 +42,28 @@ def test_an_unknown_encoding_and_a_target_outside_the_allow_list() -> None:
     cfg = to_plain(compose("model=rf", "model.regressor._target_=os.system"))["model"]
     with pytest.raises(ConfigError, match=r"is not an allowed target"):
         build_model(cfg, "regression", ("a",), ())
+
+
+def test_numeric_features_are_preprocessed_as_a_column_transformer_would() -> None:
+    """Without categoricals the steps run on the whole frame (its columns are the numeric
+    features, in order): the same predictions and feature names as the steps under a
+    ColumnTransformer, missing values included."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.base import clone
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import Pipeline
+
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(60, 3)) * [1, 10, 100], columns=["a", "b", "c"])
+    X.iloc[[3, 7], 1] = np.nan
+    y = X["a"].fillna(0) + rng.normal(size=60)
+    cfg = to_plain(compose("model=linear"))["model"]
+    pipeline = build_model(cfg, "regression", ("a", "b", "c"), ())
+    assert not isinstance(pipeline.steps[0][1], ColumnTransformer)
+    steps = clone(pipeline.steps[0][1])
+    under = Pipeline([("preprocess", ColumnTransformer([("num", steps, ["a", "b", "c"])],
+                                                       verbose_feature_names_out=False)),
+                      ("model", clone(pipeline.steps[-1][1]))])
+    assert np.array_equal(pipeline.fit(X, y).predict(X), under.fit(X, y).predict(X))
+    assert list(pipeline.steps[0][1].get_feature_names_out()) == ["a", "b", "c"]

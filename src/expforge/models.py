@@ -107,13 +107,18 @@ def build_preprocessor(
         # Nothing to do: an identity step instead of a ColumnTransformer, which costs several
         # ms per fit and per predict (a search's short trials feel it).
         return FunctionTransformer(feature_names_out="one-to-one")
+    steps: list[Any] = []
+    if impute:
+        steps.append(SimpleImputer(strategy="median", keep_empty_features=True))
+    if spec.get("scale_numeric", False):
+        steps.append(StandardScaler())
+    if not categorical:
+        # The features are the numeric columns, in this order (data.py builds them so): the
+        # same steps on the whole frame, without a ColumnTransformer's selection and checks,
+        # which cost a cheap model a third of its fit and predict (benchmarks/README.md).
+        return make_pipeline(*steps)
     transformers = []
     if numeric:
-        steps: list[Any] = []
-        if impute:
-            steps.append(SimpleImputer(strategy="median", keep_empty_features=True))
-        if spec.get("scale_numeric", False):
-            steps.append(StandardScaler())
         transformers.append(("num", make_pipeline(*steps) if steps else "passthrough",
                              list(numeric)))
     if categorical:
