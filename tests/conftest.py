@@ -180,3 +180,24 @@ def rendered_figures(page: Any) -> list[dict[str, Any]]:
     """Each image of the page: its alt text and whether the browser decoded it."""
     return list(page.evaluate(
         "[...document.images].map(i => ({alt: i.alt, shown: i.complete && i.naturalWidth > 0}))"))
+
+
+@pytest.fixture(autouse=True)
+def _signals_given_back() -> Iterator[None]:
+    """Every test leaves this process's Ctrl-C and SIGTERM handling as it found it: a handler
+    or a blocked signal left behind changes what later tests in the same worker see (the
+    suite's runs that failed in interrupt tests, and crashed a worker). Put back, and failed."""
+    import signal
+
+    def state() -> tuple[Any, Any, set[Any]]:
+        return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+    before = state()
+    yield
+    after = state()
+    if after != before:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+        signal.pthread_sigmask(signal.SIG_SETMASK, before[2])
+        pytest.fail(f"the test left Ctrl-C and SIGTERM handling changed: {before} -> {after}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import signal
 import time
 from collections import defaultdict
 from typing import Any
@@ -42,11 +43,18 @@ class SweepParent(Callback):
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         guarded(lambda: self._start(config))
         # SIGTERM between two jobs would end the launcher without its exit handlers, and the
-        # parent run would stay RUNNING: it raises KeyboardInterrupt, as inside a job.
+        # parent run would stay RUNNING: it raises KeyboardInterrupt, as inside a job, until
+        # the multirun ends (a process that goes on, a notebook's, gets its handler back).
+        self._sigterm = signal.getsignal(signal.SIGTERM)
         terminate_as_interrupt()
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        guarded(lambda: self._end(config))
+        try:
+            guarded(lambda: self._end(config))
+        finally:
+            previous = getattr(self, "_sigterm", None)
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     def _start(self, config: Any) -> None:
         tracking = TrackingSettings.from_config(_section(config, "tracking"))
