@@ -186,7 +186,7 @@ def rendered_figures(page: Any) -> list[dict[str, Any]]:
 def _signals_given_back() -> Iterator[None]:
     """Every test leaves this process's Ctrl-C and SIGTERM handling as it found it: a handler
     or a blocked signal left behind changes what later tests in the same worker see (the
-    suite's runs that failed in interrupt tests, and crashed a worker). Put back, and failed."""
+    multirun callback's SIGTERM handler did). Put back, and failed."""
     import signal
 
     def state() -> tuple[Any, Any, set[Any]]:
