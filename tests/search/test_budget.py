@@ -89,3 +89,66 @@ def test_the_timeout_is_the_whole_commands_across_its_workers(tmp_path: Path) ->
     first = min(t.datetime_start for t in study.trials).timestamp()
     assert last - first < 6 + 2 and took < 90
     assert _parent(tmp_path).data.tags["stop_reason"] == "timeout"
+
+
+def _full_read(study: optuna.Study, number: int) -> tuple:
+    """What the tally must answer, from every trial read again: counts, rank, best."""
+    counted = [t for t in study.trials
+               if t.state != TrialState.FAIL or "error" in t.user_attrs]
+    by = {s: sum(t.state == s for t in counted) for s in TrialState}
+    errors = [t.user_attrs["error"] for t in counted
+              if t.state == TrialState.FAIL and t.user_attrs["error"]]
+    holding = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    held = sum(t.state in holding for t in study.trials if t.number < number)
+    try:
+        best = study.best_trial.number
+    except ValueError:
+        best = None
+    return (by[TrialState.COMPLETE], by[TrialState.PRUNED], by[TrialState.FAIL],
+            by[TrialState.RUNNING], errors[-1] if errors else "", held, best)
+
+
+def test_the_tally_answers_as_a_full_read_while_two_processes_add_trials(
+        tmp_path: Path) -> None:
+    # Two handles on one journal, as two workers: trials finish out of order, some stay
+    # running, some fail with and without an error, values tie; after each change the tally
+    # of the first handle answers what reading every trial again answers.
+    from optuna.storages.journal import JournalFileBackend
+
+    from expforge.search.budget import Tally
+
+    def storage() -> optuna.storages.JournalStorage:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "t.journal")))
+
+    mine = optuna.create_study(study_name="t", storage=storage(), direction="minimize")
+    other = optuna.load_study(study_name="t", storage=storage())
+    tally = Tally(mine)
+    open_trials = []
+    plan = [(mine, "complete", 3.0), (other, "running", None), (mine, "complete", 2.0),
+            (other, "pruned", None), (mine, "fail", "boom"), (other, "fail", None),
+            (mine, "complete", 2.0), (other, "running", None), (mine, "complete", 5.0)]
+    for handle, action, value in plan:
+        trial = handle.ask()
+        if action == "running":
+            open_trials.append((handle, trial))
+        elif action == "complete":
+            handle.tell(trial, value)
+        elif action == "pruned":
+            handle.tell(trial, state=TrialState.PRUNED)
+        else:
+            if value is not None:
+                trial.set_user_attr("error", value)
+            handle.tell(trial, state=TrialState.FAIL)
+        for number in range(len(mine.trials) + 1):
+            c = tally.counts()
+            best = tally.best().number if c.complete else None
+            assert (c.complete, c.pruned, c.failed, c.running, c.last_error,
+                    tally.rank(number), best) == _full_read(mine, number)
+    # The running trials finish late, one of them with a new best.
+    for (handle, trial), value in zip(open_trials, (1.0, 9.0), strict=True):
+        handle.tell(trial, value)
+        c = tally.counts()
+        assert (c.complete, c.pruned, c.failed, c.running, c.last_error,
+                tally.rank(len(mine.trials)), tally.best().number) == _full_read(
+                    mine, len(mine.trials))
+    assert tally.best().number == 1 and tally.best().value == 1.0

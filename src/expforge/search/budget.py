@@ -23,8 +23,8 @@ from expforge.metrics import better
 from expforge.search.job import STOP_ATTR
 from expforge.search.settings import SearchSettings
 
-__all__ = ["BudgetReached", "Counts", "Stop", "TooManyFailures", "check_failures", "counts",
-           "rank", "record_stop", "since_of", "stop_rule"]
+__all__ = ["BudgetReached", "Counts", "Stop", "Tally", "TooManyFailures", "check_failures",
+           "counts", "record_stop", "since_of", "stop_rule"]
 
 
 class BudgetReached(Exception):
@@ -60,28 +60,101 @@ class Counts:
         return self.done + self.running
 
 
+class Tally:
+    """A study's counts, budget ranks and best trial, for a process that asks after every
+    trial: the same answers as reading all its trials, in the time of reading the few from
+    the first unfinished one on.
+
+    A finished trial never changes (Optuna refuses to update one), so the trials up to the
+    first one still waiting or running are counted once, as they finish, and only the rest
+    are read again (about one per worker). Each reader keeps its own tally of its study.
+    """
+
+    def __init__(self, study: Any) -> None:
+        from optuna.study import StudyDirection
+        from optuna.trial import TrialState
+
+        self.study = study
+        self._settled = 0  # trials 0 .. _settled - 1 are finished, and counted here:
+        self._totals: list[Any] = [0, 0, 0, 0, ""]  # as Counts' fields, in their order
+        self._held = [0]  # _held[n]: of the trials before number n, those holding a slot
+        self._best: Any = None  # their best COMPLETE trial (a single objective)
+        directions = study.directions
+        self._maximize = (directions[0] == StudyDirection.MAXIMIZE if len(directions) == 1
+                          else None)  # None: several objectives
+        # Counts' field of each state that is counted (not WAITING)
+        self._fields = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1, TrialState.FAIL: 2,
+                        TrialState.RUNNING: 3}
+        self._fail, self._complete = TrialState.FAIL, TrialState.COMPLETE
+
+    def counts(self) -> Counts:
+        """The trials by state (``counts``)."""
+        trials = self._read()
+        now = list(self._totals)
+        for t in trials[self._settled:]:
+            self._add(now, t)
+        return Counts(*now)
+
+    def rank(self, number: int) -> int:
+        """How many trials before ``number`` hold a budget slot (finished or running)."""
+        trials = self._read()
+        if number <= self._settled:
+            return self._held[number]
+        return self._held[-1] + sum(1 for t in trials[self._settled:number] if self._holds(t))
+
+    def best(self) -> Any:
+        """``study.best_trial``: the first COMPLETE trial with the best value; ValueError if
+        none is complete, RuntimeError for several objectives."""
+        trials = self._read()
+        if self._maximize is None:
+            raise RuntimeError("a study of several objectives has no single best trial")
+        best = self._best
+        for t in trials[self._settled:]:
+            best = self._better(best, t)
+        if best is None:
+            raise ValueError("No trials are completed yet.")
+        if any(x > 0.0 for x in best.constraints.values()):
+            return self.study.best_trial  # Optuna's rule for infeasible trials
+        return best
+
+    def _read(self) -> list[Any]:
+        """The study's trials, those newly finished at the front counted."""
+        trials = self.study.get_trials(deepcopy=False)
+        while (self._settled < len(trials) and trials[self._settled].state.is_finished()
+               and trials[self._settled].number == self._settled):
+            t = trials[self._settled]
+            self._add(self._totals, t)
+            self._held.append(self._held[-1] + self._holds(t))
+            self._best = self._better(self._best, t)
+            self._settled += 1
+        return trials
+
+    def _add(self, totals: list[Any], t: Any) -> None:
+        """Trial ``t`` counted into ``totals``. FAIL trials without an ``error`` attribute
+        count for nothing (see the module's docstring)."""
+        if t.state == self._fail:
+            if "error" not in t.user_attrs:
+                return
+            totals[4] = t.user_attrs["error"] or totals[4]
+        field = self._fields.get(t.state)
+        if field is not None:
+            totals[field] += 1
+
+    def _holds(self, t: Any) -> bool:
+        """Whether trial ``t`` holds a budget slot (finished or running)."""
+        return t.state != self._fail and t.state in self._fields
+
+    def _better(self, best: Any, t: Any) -> Any:
+        if t.state != self._complete or self._maximize is None:
+            return best
+        if best is None or (t.value > best.value if self._maximize else t.value < best.value):
+            return t
+        return best
+
+
 def counts(study: Any) -> Counts:
-    from optuna.trial import TrialState
-
-    c = {TrialState.COMPLETE: 0, TrialState.PRUNED: 0, TrialState.FAIL: 0, TrialState.RUNNING: 0}
-    last_error = ""
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.FAIL and "error" not in t.user_attrs:
-            continue  # not a verdict on the config
-        if t.state in c:
-            c[t.state] += 1
-        if t.state == TrialState.FAIL and t.user_attrs.get("error"):
-            last_error = t.user_attrs["error"]
-    return Counts(c[TrialState.COMPLETE], c[TrialState.PRUNED], c[TrialState.FAIL],
-                  c[TrialState.RUNNING], last_error)
-
-
-def rank(study: Any, number: int) -> int:
-    """How many trials before ``number`` hold a budget slot (finished or running)."""
-    from optuna.trial import TrialState
-
-    holding = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    return sum(1 for t in study.get_trials(deepcopy=False, states=holding) if t.number < number)
+    """The study's trials by state, read once (``Tally`` for a reader that asks again)."""
+    return Tally(study).counts()
 
 
 def check_failures(settings: SearchSettings, counts: Counts) -> None:

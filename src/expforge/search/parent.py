@@ -22,7 +22,7 @@ from expforge.runner import (
     provenance_tags,
     refits,
 )
-from expforge.search.budget import counts, record_stop, since_of, stop_rule
+from expforge.search.budget import Tally, counts, record_stop, since_of, stop_rule
 from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
 from expforge.search.page import REPORT, write_report
 from expforge.search.recovery import reap_orphans
@@ -64,15 +64,18 @@ def open_parent_run(job: Job, study: Any) -> tuple[str, bool]:
     return run_id, resumed
 
 
-def best_after_each_trial(job: Job) -> Callable[[Any, Any], None]:
-    """An Optuna callback: the parent run's best so far (value, trial number, params)."""
+def best_after_each_trial(job: Job, study: Any) -> Callable[[Any, Any], None]:
+    """An Optuna callback for ``study``: the parent run's best so far (value, trial number,
+    params)."""
     from optuna.trial import TrialState
+
+    tally = Tally(study)
 
     def callback(study: Any, trial: Any) -> None:
         if trial.state != TrialState.COMPLETE or job.settings.multi_objective:
             return
         try:
-            best = study.best_trial
+            best = tally.best()
         except ValueError:
             return
         if best.number != trial.number:

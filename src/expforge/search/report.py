@@ -6,7 +6,7 @@ import sys
 from typing import Any
 
 from expforge.metrics import ranking_key
-from expforge.search.budget import Counts, Stop, counts
+from expforge.search.budget import Counts, Stop, Tally
 from expforge.search.job import RUN_ATTR
 from expforge.search.settings import SearchSettings
 
@@ -127,6 +127,7 @@ class Progress:
         from rich.progress import Progress as Bar
 
         self.settings, self.study = settings, study
+        self.tally = Tally(study)  # read after every trial
         self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                        TextColumn("{task.fields[status]}"), transient=False)
         self.task = self.bar.add_task(settings.study_name, total=settings.n_trials, status="")
@@ -145,11 +146,11 @@ class Progress:
 
     def refresh(self) -> Counts:
         """The bar brought up to date; the counts it shows."""
-        now = counts(self.study)
+        now = self.tally.counts()
         status = f"pruned {now.pruned} failed {now.failed}"
         if not self.settings.multi_objective and now.complete:
             try:
-                best = self.study.best_trial
+                best = self.tally.best()
                 status += f" best {best.value:.5g} (trial {best.number})"
             except ValueError:
                 pass

@@ -18,7 +18,7 @@ from expforge.runner import (
     refits,
     run_one,
 )
-from expforge.search.budget import BudgetReached, rank
+from expforge.search.budget import BudgetReached, Tally
 from expforge.search.job import HOST_ATTR, METRICS_ATTR, PID_ATTR, RUN_ATTR, SKIPPED_ATTR, Job
 from expforge.search.space import suggest
 
@@ -31,6 +31,7 @@ class TrialObjective:
 
     def __init__(self, job: Job, study: Any) -> None:
         self.job, self.study = job, study
+        self.tally = Tally(study)  # asked before each trial
         settings = job.settings
         self.threads = max(1, (os.cpu_count() or 1) // settings.n_workers)
         # log_models=best: the best fitted model stays in memory and is logged once, at the
@@ -71,7 +72,7 @@ class TrialObjective:
         self.last = trial.number
         trial.set_user_attr(PID_ATTR, os.getpid())
         trial.set_user_attr(HOST_ATTR, socket.gethostname())
-        if rank(self.study, trial.number) >= settings.n_trials:
+        if self.tally.rank(trial.number) >= settings.n_trials:
             # Another worker took the last slot between our check and our ask.
             trial.set_user_attr(SKIPPED_ATTR, "budget reached")
             raise BudgetReached(f"the budget of {settings.n_trials} trials is spent")
@@ -139,7 +140,7 @@ class TrialObjective:
             return False
         _, run_id, model = self.best
         try:
-            if self.study.best_trial.user_attrs.get(RUN_ATTR) != run_id:
+            if self.tally.best().user_attrs.get(RUN_ATTR) != run_id:
                 return False  # another worker or an earlier session holds the best
         except ValueError:
             return False
