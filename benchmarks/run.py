@@ -1,6 +1,6 @@
 """expforge benchmarks, side by side with what a user would write by hand.
 
-    python benchmarks/run.py            # full suite (~40 min on 2 cores); writes RESULTS.md
+    python benchmarks/run.py            # full suite (~45 min on 2 cores); writes RESULTS.md
     python benchmarks/run.py --smoke    # tiny sizes, to keep the suite working (CI)
 
 Every contender runs end to end as a separate process (imports included), the contenders of a
@@ -429,6 +429,52 @@ def cheap(store: Path, n_trials: int, reps: int, table: Table, busy: bool = Fals
     return med
 
 
+def long_study(store: Path, n_trials: int, table: Table) -> None:
+    """Issue 18, goal 3: one study of ``n_trials`` cheap trials (Ridge on diabetes, journal)
+    with RandomSampler, where nothing but expforge's own cost could grow, and with TPE,
+    beside the bare Optuna loop with TPE, whose sampler's own cost grows with the trials.
+    The median gap between trial starts at the start, midway and at the end. One run each:
+    every window is a median of its own."""
+    size = max(10, n_trials // 30)
+    window = [(1, size), (n_trials // 2 - size // 2 + 1, n_trials // 2 + size - size // 2),
+              (n_trials - size + 1, n_trials)]
+    tpe = "search.sampler._target_=optuna.samplers.TPESampler"
+
+    def contender(name: str) -> tuple[list[str], Path]:
+        journal = store / "studies" / f"long-{name}.journal"
+        journal.parent.mkdir(exist_ok=True)
+        if name == "a":
+            return [PY, str(HERE / "hand_optuna.py"), str(n_trials), "--model", "ridge",
+                    "--sampler", "tpe", "--storage", str(journal)], journal
+        return [PY, str(ROOT / "run.py"), "search=optuna", *CHEAP,
+                *([tpe] if name == "c-tpe" else []), f"search.n_trials={n_trials}",
+                f"search.storage={journal}", f"search.study_name={journal.stem}",
+                "tracking.experiment=bench-long",
+                f"tracking.uri=sqlite:///{store}/long-expforge.db",
+                f"tracking.artifact_root={store}/art", f"paths.outputs={store}/out"], journal
+
+    names = {"c": "(c) python run.py search=optuna, RandomSampler",
+             "c-tpe": "(c) the same with TPESampler", "a": "(a) bare Optuna loop, TPESampler"}
+    gaps: dict[str, list[float]] = {}
+    for name, label in names.items():
+        cmd, journal = contender(name)
+        measure = run(cmd)
+        starts = _starts(journal)
+        gaps[name] = [_gap_ms(starts, first, last) for first, last in window]
+        per = ", ".join(f"{first}-{last}: {gap:.1f} ms"
+                        for (first, last), gap in zip(window, gaps[name], strict=True))
+        table.add(f"{label}, {n_trials} trials", f"{measure.wall_s:.1f} s (per trial {per})")
+    first, last = window[0], window[-1]
+    for name, label in names.items():
+        table.add(f"{label}: per trial, trials {last[0]}-{last[1]} / {first[0]}-{first[1]}",
+                  f"{gaps[name][-1] / gaps[name][0]:.2f}x"
+                  + (" (goal <= 1.1x)" if name == "c" else ""))
+    growth = {name: gaps[name][-1] - gaps[name][0] for name in ("c-tpe", "a")}
+    table.add("with TPE, growth per trial from the first window to the last",
+              f"expforge {growth['c-tpe']:+.1f} ms, the bare loop {growth['a']:+.1f} ms "
+              f"(TPE's own): {growth['c-tpe'] - growth['a']:+.1f} ms beyond TPE's")
+
+
 def _ceiling(n_samples: int) -> float:
     """What two cores give two single-threaded XGBoost fits of the trials' size."""
     out = subprocess.run([PY, str(HERE / "ceiling.py"), str(n_samples)], capture_output=True,
@@ -574,11 +620,11 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition")
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"))
     parser.add_argument("--only", nargs="*", default=None,
-                        help="overhead cheap cheap-busy parallel writer scale startup gpu")
+                        help="overhead cheap cheap-busy long parallel writer scale startup gpu")
     parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
     args = parser.parse_args()
-    sections = args.only or ["overhead", "cheap", "cheap-busy", "parallel", "writer", "scale",
-                             "startup", "gpu"]
+    sections = args.only or ["overhead", "cheap", "cheap-busy", "long", "parallel", "writer",
+                             "scale", "startup", "gpu"]
     reps = args.reps or (1 if args.smoke else 3)
     tables = []
     with tempfile.TemporaryDirectory(prefix="expforge-bench-") as tmp:
@@ -601,6 +647,10 @@ def main() -> None:
             for name in ("b", "c", "c2"):
                 tables[-1].add(f"slowdown, busy / quiet: ({name})",
                                f"{walls[True][name] / walls[False][name]:.2f}x")
+        if "long" in sections:
+            tables.append(Table("A long study (Ridge on diabetes, journal, one worker)"))
+            print(tables[-1].title, flush=True)
+            long_study(store, 30 if args.smoke else 3000, tables[-1])
         if "parallel" in sections:
             tables.append(Table("Parallel throughput (xgb, 1 thread per worker)"))
             print(tables[-1].title, flush=True)

@@ -15,6 +15,8 @@ EXPECTED = {
     "overhead": ["(c) python run.py search=optuna, 2 trials", "(a) bare Optuna loop, 2 trials"],
     "cheap": ["(c) / (b), whole command", "(c) n_workers=2 / n_workers=1, whole command",
               "(c) with search.n_workers=2: CPU by process | command"],
+    "long": ["(c) python run.py search=optuna, RandomSampler: per trial, trials 21-30 / 1-10",
+             "with TPE, growth per trial from the first window to the last"],
     "parallel": ["with the defaults: throughput n_workers=2 / n_workers=1, end to end",
                  "with the defaults, n_workers=2: before the first trial",
                  "ceiling: two bare XGBoost fits",
