@@ -446,12 +446,10 @@ def long_study(store: Path, n_trials: int, table: Table) -> None:
         if name == "a":
             return [PY, str(HERE / "hand_optuna.py"), str(n_trials), "--model", "ridge",
                     "--sampler", "tpe", "--storage", str(journal)], journal
-        return [PY, str(ROOT / "run.py"), "search=optuna", *CHEAP,
-                *([tpe] if name == "c-tpe" else []), f"search.n_trials={n_trials}",
-                f"search.storage={journal}", f"search.study_name={journal.stem}",
-                "tracking.experiment=bench-long",
-                f"tracking.uri=sqlite:///{store}/long-expforge.db",
-                f"tracking.artifact_root={store}/art", f"paths.outputs={store}/out"], journal
+        return expforge(store, "search=optuna", *CHEAP, *([tpe] if name == "c-tpe" else []),
+                        f"search.n_trials={n_trials}", f"search.storage={journal}",
+                        f"search.study_name={journal.stem}",
+                        "tracking.experiment=bench-long"), journal
 
     names = {"c": "(c) python run.py search=optuna, RandomSampler",
              "c-tpe": "(c) the same with TPESampler", "a": "(a) bare Optuna loop, TPESampler"}

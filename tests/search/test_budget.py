@@ -111,8 +111,9 @@ def _full_read(study: optuna.Study, number: int) -> tuple:
 def test_the_tally_answers_as_a_full_read_while_two_processes_add_trials(
         tmp_path: Path) -> None:
     # Two handles on one journal, as two workers: trials finish out of order, some stay
-    # running, some fail with and without an error, values tie; after each change the tally
-    # of the first handle answers what reading every trial again answers.
+    # running, one waits (enqueued, as search.enqueue does), some fail with and without an
+    # error, values tie; after each change the tally of the first handle answers what
+    # reading every trial again answers.
     from optuna.storages.journal import JournalFileBackend
 
     from expforge.search.budget import Tally
@@ -125,17 +126,20 @@ def test_the_tally_answers_as_a_full_read_while_two_processes_add_trials(
     tally = Tally(mine)
     open_trials = []
     plan = [(mine, "complete", 3.0), (other, "running", None), (mine, "complete", 2.0),
-            (other, "pruned", None), (mine, "fail", "boom"), (other, "fail", None),
-            (mine, "complete", 2.0), (other, "running", None), (mine, "complete", 5.0)]
+            (other, "enqueue", None), (other, "pruned", None), (mine, "fail", "boom"),
+            (other, "fail", None), (mine, "complete", 2.0), (other, "running", None),
+            (mine, "complete", 5.0)]
     for handle, action, value in plan:
-        trial = handle.ask()
-        if action == "running":
-            open_trials.append((handle, trial))
+        if action == "enqueue":  # WAITING until the next ask takes it
+            handle.enqueue_trial({})
+        elif action == "running":
+            open_trials.append((handle, handle.ask()))
         elif action == "complete":
-            handle.tell(trial, value)
+            handle.tell(handle.ask(), value)
         elif action == "pruned":
-            handle.tell(trial, state=TrialState.PRUNED)
+            handle.tell(handle.ask(), state=TrialState.PRUNED)
         else:
+            trial = handle.ask()
             if value is not None:
                 trial.set_user_attr("error", value)
             handle.tell(trial, state=TrialState.FAIL)

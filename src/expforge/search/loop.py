@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from expforge.search.budget import Tally, check_failures, counts, since_of, stop_rule
+from expforge.search.budget import check_failures, counts, since_of, stop_rule
 from expforge.search.job import Job
 from expforge.search.parent import best_after_each_trial
 from expforge.search.recovery import reap_orphans, recover_stale, tag_interrupted
@@ -24,7 +24,7 @@ def optimize(job: Job, study: Any, progress: Progress | None) -> TrialObjective:
     returns, also on Ctrl-C."""
     settings = job.settings
     objective = TrialObjective(job, study)
-    callbacks = [best_after_each_trial(job, study), report_failure]
+    callbacks = [best_after_each_trial(job, objective.tally), report_failure]
     if progress is not None:
         callbacks.append(progress.callback)
     interrupted = False
@@ -51,9 +51,8 @@ def _loop(job: Job, study: Any, objective: TrialObjective, callbacks: list[Any])
     settings = job.settings
     since = since_of(settings, study)
     recovered = time.monotonic()
-    tally = Tally(study)
     while True:
-        now = tally.counts()
+        now = objective.tally.counts()
         if stop_rule(settings, study, now, job.deadline, since) is not None:
             break
         if now.taken >= settings.n_trials:

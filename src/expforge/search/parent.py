@@ -64,12 +64,10 @@ def open_parent_run(job: Job, study: Any) -> tuple[str, bool]:
     return run_id, resumed
 
 
-def best_after_each_trial(job: Job, study: Any) -> Callable[[Any, Any], None]:
-    """An Optuna callback for ``study``: the parent run's best so far (value, trial number,
-    params)."""
+def best_after_each_trial(job: Job, tally: Tally) -> Callable[[Any, Any], None]:
+    """An Optuna callback for the study that ``tally`` reads: the parent run's best so far
+    (value, trial number, params)."""
     from optuna.trial import TrialState
-
-    tally = Tally(study)
 
     def callback(study: Any, trial: Any) -> None:
         if trial.state != TrialState.COMPLETE or job.settings.multi_objective:

@@ -31,7 +31,7 @@ class TrialObjective:
 
     def __init__(self, job: Job, study: Any) -> None:
         self.job, self.study = job, study
-        self.tally = Tally(study)  # asked before each trial
+        self.tally = Tally(study)  # read before and after each trial (the loop, callbacks)
         settings = job.settings
         self.threads = max(1, (os.cpu_count() or 1) // settings.n_workers)
         # log_models=best: the best fitted model stays in memory and is logged once, at the
