@@ -10,6 +10,9 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from expforge.runner import Objective
+from expforge.search.settings import SearchSettings
+
 from ..conftest import client, run_cli
 from .test_study import FAST_RF, load
 
@@ -156,3 +159,69 @@ def test_the_tally_answers_as_a_full_read_while_two_processes_add_trials(
                 tally.rank(len(mine.trials)), tally.best().number) == _full_read(
                     mine, len(mine.trials))
     assert tally.best().number == 1 and tally.best().value == 1.0
+
+
+def _settings(target: float | None = None, patience: int | None = None) -> SearchSettings:
+    return SearchSettings(
+        n_trials=100, timeout=None, study_name="t", storage="", n_workers=2,
+        objectives=(Objective("val_rmse", "minimize"),), sampler={}, pruner=None,
+        report_every=1, log_models="best", max_failure_ratio=1.0, heartbeat_interval=None,
+        grace_period=None, top_k=5, plots=False, target=target, patience=patience)
+
+
+def test_target_and_patience_go_by_the_order_trials_finished_in_while_two_processes_add_them(
+        tmp_path: Path) -> None:
+    # Two handles on one journal, as two workers. The rules of the first are asked after
+    # every change, and answer as new rules reading every trial at once; a trial of the
+    # other handle that finishes late counts where it finished, not where its number is.
+    from optuna.storages.journal import JournalFileBackend
+
+    from expforge.search.budget import StopRules, Tally
+
+    def storage() -> optuna.storages.JournalStorage:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "t.journal")))
+
+    mine = optuna.create_study(study_name="t", storage=storage(), direction="minimize")
+    other = optuna.load_study(study_name="t", storage=storage())
+    tally = Tally(mine)
+    rules = {"patience": StopRules(_settings(patience=2), tally),
+             "target": StopRules(_settings(target=1.0), tally)}
+    since: dict[str, float] = {}
+
+    def said() -> tuple[str | None, ...]:
+        now = tally.counts()
+        answers = []
+        for r in rules.values():
+            stop = r.check(now, deadline=float("inf"))
+            fresh = StopRules(r.settings, Tally(mine), r.since).check(now, float("inf"))
+            assert stop == fresh
+            answers.append(None if stop is None else stop.detail)
+        return tuple(answers)
+
+    late = other.ask()  # trial 0, running while the others finish
+    mine.tell(mine.ask(), 5.0)  # 1
+    assert said() == (None, None)
+    mine.tell(mine.ask(), 6.0)  # 2
+    assert said() == (None, None)
+    other.tell(late, 4.0)  # 0 finishes third, the new best: nothing since
+    assert said() == (None, None)
+    since["mark"] = time.time()
+    rules["patience, from the mark"] = StopRules(_settings(patience=2), tally, since["mark"])
+    failed = mine.ask()  # 3: a failure is not a trial without progress
+    failed.set_user_attr("error", "boom")
+    mine.tell(failed, state=TrialState.FAIL)
+    mine.tell(mine.ask(), state=TrialState.PRUNED)  # 4
+    assert said() == (None, None, None)
+    late = other.ask()  # 5, running
+    mine.tell(mine.ask(), 4.0)  # 6: the same value as trial 0, finished later
+    stale = "search.patience=2: no better value than 4 (trial 0) in the 2 trials since"
+    assert said() == (stale, None, stale)
+    mine.tell(mine.ask(), 0.9)  # 7 reaches the target
+    reached = "search.target=1 reached: 0.9 (trial 7)"
+    assert said() == (None, reached, None)
+    other.tell(late, 0.5)  # 5 reaches it too, but after 7
+    assert said() == (None, reached, None)
+    mine.tell(mine.ask(), 3.0)  # 8
+    mine.tell(mine.ask(), 3.0)  # 9
+    stale = "search.patience=2: no better value than 0.5 (trial 5) in the 2 trials since"
+    assert said() == (stale, reached, stale)

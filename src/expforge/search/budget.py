@@ -6,7 +6,7 @@ A trial only starts while fewer than ``n_trials`` are finished or running (``tak
 several workers never overshoot the budget. FAIL trials without an ``error`` attribute are
 not a verdict on their config (a budget race, Ctrl-C, a dead worker) and count for nothing.
 
-Every worker asks ``stop_rule`` before each trial, of the same study, so all stop at the same
+Every worker asks its ``StopRules`` before each trial, of the same study, so all stop at the same
 rule. The command records the rule that stopped the study on it (``STOP_ATTR``); the same
 command run again finds the same rule still holding and starts no trial, while a larger
 budget or another rule applies the rules to the trials finished after that stop only.
@@ -14,6 +14,7 @@ budget or another rule applies the rules to the trials finished after that stop 
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +24,8 @@ from expforge.metrics import better
 from expforge.search.job import STOP_ATTR
 from expforge.search.settings import SearchSettings
 
-__all__ = ["BudgetReached", "Counts", "Stop", "Tally", "TooManyFailures", "check_failures",
-           "counts", "record_stop", "since_of", "stop_rule"]
+__all__ = ["BudgetReached", "Counts", "Stop", "StopRules", "Tally", "TooManyFailures",
+           "check_failures", "counts", "record_stop", "since_of"]
 
 
 class BudgetReached(Exception):
@@ -117,6 +118,12 @@ class Tally:
             return self.study.best_trial  # Optuna's rule for infeasible trials
         return best
 
+    def settled(self) -> tuple[list[Any], int]:
+        """The study's trials, and how many at its front are finished and counted: those
+        never change, so a reader may fold each of them in once (``StopRules``)."""
+        trials = self._read()
+        return trials, self._settled
+
     def _read(self) -> list[Any]:
         """The study's trials, those newly finished at the front counted."""
         trials = self.study.get_trials(deepcopy=False)
@@ -169,51 +176,90 @@ def check_failures(settings: SearchSettings, counts: Counts) -> None:
         )
 
 
-def stop_rule(settings: SearchSettings, study: Any, now: Counts, deadline: float,
-              since: float = 0.0) -> Stop | None:
-    """The rule that ends the study now, if one does: the budget, the target, the patience
-    (over the trials finished after ``since``, a time) or the command's deadline."""
-    if now.done >= settings.n_trials:
-        return Stop("budget", f"search.n_trials={settings.n_trials} trials done")
-    if settings.target is not None or settings.patience is not None:
-        found = _target_or_patience(settings, study, since)
-        if found is not None:
-            return found
-    if time.time() >= deadline:
-        return Stop("timeout", f"search.timeout={settings.timeout:g} s passed")
-    return None
+class StopRules:
+    """The rule that ends a study now, if one does (``check``), for a process that asks
+    before every trial: the budget, ``search.target``, ``search.patience`` and the command's
+    deadline. Target and patience go by the order in which trials finished, and count only
+    those finished after ``since`` (a time, ``since_of``).
 
+    They read the trials of ``tally``'s study, folded in once each as the tally settles them
+    (``Tally.settled``), and the few beyond: each look costs the same at trial 3,000 as at
+    trial 10. A trial that finishes late (another worker's) may still become the best or
+    the first to reach the target, since the order is the finish times', not the numbers'.
+    """
 
-def _target_or_patience(settings: SearchSettings, study: Any, since: float) -> Stop | None:
-    from optuna.trial import TrialState
+    def __init__(self, settings: SearchSettings, tally: Tally, since: float = 0.0) -> None:
+        from optuna.trial import TrialState
 
-    direction = settings.objective.direction
-    finished = sorted(
-        (t for t in study.get_trials(deepcopy=False,
-                                     states=(TrialState.COMPLETE, TrialState.PRUNED))
-         if t.datetime_complete is not None and t.datetime_complete.timestamp() >= since),
-        key=lambda t: t.datetime_complete)
-    complete = [t for t in finished if t.state == TrialState.COMPLETE]
-    if settings.target is not None:
-        for t in complete:
-            if t.value == settings.target or better(t.value, settings.target, direction):
-                return Stop("target", f"search.target={settings.target:g} reached: "
-                                      f"{t.value:.6g} (trial {t.number})")
-    if settings.patience is not None:
-        best = None  # the first trial, in the order they finished, to reach the best value
-        for t in sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
-                        key=lambda t: t.datetime_complete):
-            if best is None or better(t.value, best.value, direction):
-                best = t
-        if best is None:
+        self.settings = settings
+        self.tally = tally
+        self.since = since
+        self._direction = settings.objective.direction
+        self._folded = 0  # settled trials 0 .. _folded - 1 are folded in:
+        self._reached: Any = None  # the first to finish that reached the target
+        self._best: Any = None  # the first to finish with the best value (all COMPLETE)
+        self._finished: list[float] = []  # finish times after since, sorted
+        self._complete, self._done = TrialState.COMPLETE, (TrialState.COMPLETE,
+                                                           TrialState.PRUNED)
+
+    def check(self, now: Counts, deadline: float) -> Stop | None:
+        """The budget (from ``now``), the target, the patience, then the deadline."""
+        settings = self.settings
+        if now.done >= settings.n_trials:
+            return Stop("budget", f"search.n_trials={settings.n_trials} trials done")
+        if settings.target is not None or settings.patience is not None:
+            found = self._target_or_patience()
+            if found is not None:
+                return found
+        if time.time() >= deadline:
+            return Stop("timeout", f"search.timeout={settings.timeout:g} s passed")
+        return None
+
+    def _target_or_patience(self) -> Stop | None:
+        settings = self.settings
+        trials, settled = self.tally.settled()
+        for t in trials[self._folded:settled]:
+            self._reached, self._best = self._fold(t, self._reached, self._best)
+            if self._after_since(t):
+                bisect.insort(self._finished, t.datetime_complete.timestamp())
+        self._folded = settled
+        reached, best, late = self._reached, self._best, []
+        for t in trials[settled:]:  # finished out of order, or not yet
+            reached, best = self._fold(t, reached, best)
+            if self._after_since(t):
+                late.append(t.datetime_complete.timestamp())
+        if reached is not None:
+            return Stop("target", f"search.target={settings.target:g} reached: "
+                                  f"{reached.value:.6g} (trial {reached.number})")
+        if settings.patience is None or best is None:
             return None
-        start = max(since, best.datetime_complete.timestamp())
-        stale = sum(1 for t in finished if t.datetime_complete.timestamp() > start)
+        start = max(self.since, best.datetime_complete.timestamp())
+        stale = (len(self._finished) - bisect.bisect_right(self._finished, start)
+                 + sum(1 for stamp in late if stamp > start))
         if stale >= settings.patience:
             return Stop("patience", f"search.patience={settings.patience}: no better value "
                                     f"than {best.value:.6g} (trial {best.number}) in the "
                                     f"{stale} trials since")
-    return None
+        return None
+
+    def _after_since(self, t: Any) -> bool:
+        """Whether ``t`` is COMPLETE or PRUNED, and finished after ``since``."""
+        return (t.state in self._done and t.datetime_complete is not None
+                and t.datetime_complete.timestamp() >= self.since)
+
+    def _fold(self, t: Any, reached: Any, best: Any) -> tuple[Any, Any]:
+        """``reached`` and ``best`` with trial ``t`` taken into account."""
+        if t.state != self._complete or t.datetime_complete is None:
+            return reached, best  # not COMPLETE
+        target, direction = self.settings.target, self._direction
+        if (target is not None and self._after_since(t)
+                and (t.value == target or better(t.value, target, direction))
+                and (reached is None or t.datetime_complete < reached.datetime_complete)):
+            reached = t
+        if (best is None or better(t.value, best.value, direction)
+                or (t.value == best.value and t.datetime_complete < best.datetime_complete)):
+            best = t
+        return reached, best
 
 
 def since_of(settings: SearchSettings, study: Any) -> float:

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from expforge.search.budget import check_failures, counts, since_of, stop_rule
+from expforge.search.budget import StopRules, check_failures, counts, since_of
 from expforge.search.job import Job
 from expforge.search.parent import best_after_each_trial
 from expforge.search.recovery import reap_orphans, recover_stale, tag_interrupted
@@ -49,11 +49,11 @@ def optimize(job: Job, study: Any, progress: Progress | None) -> TrialObjective:
 
 def _loop(job: Job, study: Any, objective: TrialObjective, callbacks: list[Any]) -> None:
     settings = job.settings
-    since = since_of(settings, study)
+    rules = StopRules(settings, objective.tally, since_of(settings, study))
     recovered = time.monotonic()
     while True:
         now = objective.tally.counts()
-        if stop_rule(settings, study, now, job.deadline, since) is not None:
+        if rules.check(now, job.deadline) is not None:
             break
         if now.taken >= settings.n_trials:
             # The last slots are running elsewhere. Wait: if their worker dies, heartbeats

@@ -22,7 +22,7 @@ from expforge.runner import (
     provenance_tags,
     refits,
 )
-from expforge.search.budget import Tally, counts, record_stop, since_of, stop_rule
+from expforge.search.budget import StopRules, Tally, counts, record_stop, since_of
 from expforge.search.job import PARENT_ATTR, RUN_ATTR, STUDY_ROLE, Job
 from expforge.search.page import REPORT, write_report
 from expforge.search.recovery import reap_orphans
@@ -167,7 +167,7 @@ def finish(job: Job, study: Any, objective: TrialObjective | None,
     ranked = drawn.ranked if drawn is not None else top_trials(
         study, settings, limit=max(REPORT_ROWS, settings.top_k))
     table = None if ranked is None else ranked.head(settings.top_k)
-    stop = stop_rule(settings, study, done, job.deadline, since_of(settings, study))
+    stop = StopRules(settings, Tally(study), since_of(settings, study)).check(done, job.deadline)
     if stop is not None:
         record_stop(settings, study, stop)
     job.store.write(RunRecord(

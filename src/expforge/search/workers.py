@@ -18,7 +18,7 @@ from expforge.process import (
     stop,
     terminate_as_interrupt,
 )
-from expforge.search.budget import check_failures, counts, since_of, stop_rule
+from expforge.search.budget import StopRules, check_failures, counts, since_of
 from expforge.search.job import Job
 from expforge.search.loop import optimize
 from expforge.search.recovery import reap_orphans
@@ -96,12 +96,12 @@ def watch(job: Job, study: Any, workers: list[Worker], progress: Progress,
     and none will start (one worker logs the best model)."""
     from multiprocessing.connection import wait
 
-    since = since_of(job.settings, study)
+    rules = StopRules(job.settings, progress.tally, since_of(job.settings, study))
     while any(w.process.is_alive() for w in workers):
         wait([w.process.sentinel for w in workers if not w.reaped], timeout=0.5)
         now = progress.refresh()
-        if when_over is not None and now.running == 0 and stop_rule(
-                job.settings, study, now, job.deadline, since) is not None:
+        if when_over is not None and now.running == 0 and rules.check(
+                now, job.deadline) is not None:
             when_over()
             when_idle = when_over = None
         elif when_idle is not None and now.taken >= job.settings.n_trials:
