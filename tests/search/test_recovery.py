@@ -332,7 +332,7 @@ def test_a_tracking_server_that_dies_mid_study(tmp_path: Path) -> None:
     uri = f"http://127.0.0.1:{port}"
 
     def command(name: str, *extra: str) -> list[str]:
-        args = _cli(tmp_path / name, "model=rf", "search.plots=false", "search.n_trials=12",
+        args = _cli(tmp_path / name, "model=rf", "search.plots=false", "search.n_trials=6",
                     "model.n_estimators=300", "search_space.model.n_estimators.low=300",
                     f"tracking.experiment={name}", *extra)
         return [a for a in args if not a.startswith("tracking.uri")] + [f"tracking.uri={uri}"]
@@ -366,11 +366,11 @@ def test_a_tracking_server_that_dies_mid_study(tmp_path: Path) -> None:
                               check=False)
         assert done.returncode == 0, done.stderr[-2000:]
         study = load(tmp_path / "gives-up" / "s.journal", "cli")
-        assert [t.state.name for t in study.trials].count("COMPLETE") == 12
+        assert [t.state.name for t in study.trials].count("COMPLETE") == 6
         assert "RUNNING" not in {t.state.name for t in study.trials}
         c = client(uri)
         runs = c.search_runs([c.get_experiment_by_name("gives-up").experiment_id],
                              max_results=1000)
-        assert len(runs) > 12 and "RUNNING" not in {r.info.status for r in runs}
+        assert len(runs) > 6 and "RUNNING" not in {r.info.status for r in runs}
     finally:
         _kill(server)
