@@ -111,21 +111,26 @@ def _full_read(study: optuna.Study, number: int) -> tuple:
             by[TrialState.RUNNING], errors[-1] if errors else "", held, best)
 
 
+def _two_handles(tmp_path: Path) -> tuple[optuna.Study, optuna.Study]:
+    """A new minimizing study on a journal, and a second handle on it, as another worker's."""
+    from optuna.storages.journal import JournalFileBackend
+
+    def storage() -> optuna.storages.JournalStorage:
+        return optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "t.journal")))
+
+    mine = optuna.create_study(study_name="t", storage=storage(), direction="minimize")
+    return mine, optuna.load_study(study_name="t", storage=storage())
+
+
 def test_the_tally_answers_as_a_full_read_while_two_processes_add_trials(
         tmp_path: Path) -> None:
     # Two handles on one journal, as two workers: trials finish out of order, some stay
     # running, one waits (enqueued, as search.enqueue does), some fail with and without an
     # error, values tie; after each change the tally of the first handle answers what
     # reading every trial again answers.
-    from optuna.storages.journal import JournalFileBackend
-
     from expforge.search.budget import Tally
 
-    def storage() -> optuna.storages.JournalStorage:
-        return optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "t.journal")))
-
-    mine = optuna.create_study(study_name="t", storage=storage(), direction="minimize")
-    other = optuna.load_study(study_name="t", storage=storage())
+    mine, other = _two_handles(tmp_path)
     tally = Tally(mine)
     open_trials = []
     plan = [(mine, "complete", 3.0), (other, "running", None), (mine, "complete", 2.0),
@@ -174,15 +179,9 @@ def test_target_and_patience_go_by_the_order_trials_finished_in_while_two_proces
     # Two handles on one journal, as two workers. The rules of the first are asked after
     # every change, and answer as new rules reading every trial at once; a trial of the
     # other handle that finishes late counts where it finished, not where its number is.
-    from optuna.storages.journal import JournalFileBackend
-
     from expforge.search.budget import StopRules, Tally
 
-    def storage() -> optuna.storages.JournalStorage:
-        return optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "t.journal")))
-
-    mine = optuna.create_study(study_name="t", storage=storage(), direction="minimize")
-    other = optuna.load_study(study_name="t", storage=storage())
+    mine, other = _two_handles(tmp_path)
     tally = Tally(mine)
     rules = {"patience": StopRules(_settings(patience=2), tally),
              "target": StopRules(_settings(target=1.0), tally)}
