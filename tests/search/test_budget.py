@@ -111,14 +111,15 @@ def _full_read(study: optuna.Study, number: int) -> tuple:
             by[TrialState.RUNNING], errors[-1] if errors else "", held, best)
 
 
-def _two_handles(tmp_path: Path) -> tuple[optuna.Study, optuna.Study]:
-    """A new minimizing study on a journal, and a second handle on it, as another worker's."""
+def _two_handles(tmp_path: Path, direction: str = "minimize"
+                 ) -> tuple[optuna.Study, optuna.Study]:
+    """A new study on a journal, and a second handle on it, as another worker's."""
     from optuna.storages.journal import JournalFileBackend
 
     def storage() -> optuna.storages.JournalStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(str(tmp_path / "t.journal")))
 
-    mine = optuna.create_study(study_name="t", storage=storage(), direction="minimize")
+    mine = optuna.create_study(study_name="t", storage=storage(), direction=direction)
     return mine, optuna.load_study(study_name="t", storage=storage())
 
 
@@ -166,10 +167,11 @@ def test_the_tally_answers_as_a_full_read_while_two_processes_add_trials(
     assert tally.best().number == 1 and tally.best().value == 1.0
 
 
-def _settings(target: float | None = None, patience: int | None = None) -> SearchSettings:
+def _settings(target: float | None = None, patience: int | None = None,
+              direction: str = "minimize") -> SearchSettings:
     return SearchSettings(
         n_trials=100, timeout=None, study_name="t", storage="", n_workers=2,
-        objectives=(Objective("val_rmse", "minimize"),), sampler={}, pruner=None,
+        objectives=(Objective("val_rmse", direction),), sampler={}, pruner=None,
         report_every=1, log_models="best", max_failure_ratio=1.0, heartbeat_interval=None,
         grace_period=None, top_k=5, plots=False, target=target, patience=patience)
 
@@ -224,3 +226,23 @@ def test_target_and_patience_go_by_the_order_trials_finished_in_while_two_proces
     mine.tell(mine.ask(), 3.0)  # 9
     stale = "search.patience=2: no better value than 0.5 (trial 5) in the 2 trials since"
     assert said() == (stale, reached, stale)
+
+
+def test_target_and_patience_of_a_maximized_objective(tmp_path: Path) -> None:
+    from expforge.search.budget import StopRules, Tally
+
+    study, _ = _two_handles(tmp_path, "maximize")
+    tally = Tally(study)
+    patience = StopRules(_settings(patience=2, direction="maximize"), tally)
+    target = StopRules(_settings(target=3.5, direction="maximize"), tally)
+    for value in (1.0, 3.0, 2.0, 3.0):
+        study.tell(study.ask(), value)
+    now = tally.counts()
+    stop = patience.check(now, float("inf"))
+    assert stop is not None and stop.detail == (
+        "search.patience=2: no better value than 3 (trial 1) in the 2 trials since")
+    assert target.check(now, float("inf")) is None
+    study.tell(study.ask(), 4.0)
+    stop = target.check(tally.counts(), float("inf"))
+    assert stop is not None and stop.detail == "search.target=3.5 reached: 4 (trial 4)"
+    assert patience.check(tally.counts(), float("inf")) is None

@@ -179,12 +179,13 @@ def check_failures(settings: SearchSettings, counts: Counts) -> None:
 class StopRules:
     """The rule that ends a study now, if one does (``check``), for a process that asks
     before every trial: the budget, ``search.target``, ``search.patience`` and the command's
-    deadline. Target and patience go by the order in which trials finished, and count only
-    those finished after ``since`` (a time, ``since_of``).
+    deadline. Target and patience go by the order in which trials finished: the target counts
+    the trials finished after ``since`` (a time, ``since_of``), and patience the trials
+    finished after both ``since`` and the best one (the best of all COMPLETE trials).
 
     They read the trials of ``tally``'s study, folded in once each as the tally settles them
-    (``Tally.settled``), and the few beyond: each look costs the same at trial 3,000 as at
-    trial 10. A trial that finishes late (another worker's) may still become the best or
+    (``Tally.settled``), and look at the few beyond on each call, so a look does not grow with
+    the study. A trial that finishes late (another worker's) may still become the best or
     the first to reach the target, since the order is the finish times', not the numbers'.
     """
 
@@ -199,8 +200,8 @@ class StopRules:
         self._reached: Any = None  # the first to finish that reached the target
         self._best: Any = None  # the first to finish with the best value (all COMPLETE)
         self._finished: list[float] = []  # finish times after since, sorted
-        self._complete, self._done = TrialState.COMPLETE, (TrialState.COMPLETE,
-                                                           TrialState.PRUNED)
+        self._complete = TrialState.COMPLETE
+        self._done = (TrialState.COMPLETE, TrialState.PRUNED)
 
     def check(self, now: Counts, deadline: float) -> Stop | None:
         """The budget (from ``now``), the target, the patience, then the deadline."""
@@ -250,7 +251,7 @@ class StopRules:
     def _fold(self, t: Any, reached: Any, best: Any) -> tuple[Any, Any]:
         """``reached`` and ``best`` with trial ``t`` taken into account."""
         if t.state != self._complete or t.datetime_complete is None:
-            return reached, best  # not COMPLETE
+            return reached, best  # not COMPLETE (Optuna fails a NaN value, so none is NaN)
         target, direction = self.settings.target, self._direction
         if (target is not None and self._after_since(t)
                 and (t.value == target or better(t.value, target, direction))
