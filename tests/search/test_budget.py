@@ -187,7 +187,6 @@ def test_target_and_patience_go_by_the_order_trials_finished_in_while_two_proces
     tally = Tally(mine)
     rules = {"patience": StopRules(_settings(patience=2), tally),
              "target": StopRules(_settings(target=1.0), tally)}
-    since: dict[str, float] = {}
 
     def said() -> tuple[str | None, ...]:
         now = tally.counts()
@@ -206,8 +205,7 @@ def test_target_and_patience_go_by_the_order_trials_finished_in_while_two_proces
     assert said() == (None, None)
     other.tell(late, 4.0)  # 0 finishes third, the new best: nothing since
     assert said() == (None, None)
-    since["mark"] = time.time()
-    rules["patience, from the mark"] = StopRules(_settings(patience=2), tally, since["mark"])
+    rules["patience, from now"] = StopRules(_settings(patience=2), tally, time.time())
     failed = mine.ask()  # 3: a failure is not a trial without progress
     failed.set_user_attr("error", "boom")
     mine.tell(failed, state=TrialState.FAIL)

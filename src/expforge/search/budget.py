@@ -245,13 +245,12 @@ class StopRules:
 
     def _after_since(self, t: Any) -> bool:
         """Whether ``t`` is COMPLETE or PRUNED, and finished after ``since``."""
-        return (t.state in self._done and t.datetime_complete is not None
-                and t.datetime_complete.timestamp() >= self.since)
+        return t.state in self._done and t.datetime_complete.timestamp() >= self.since
 
     def _fold(self, t: Any, reached: Any, best: Any) -> tuple[Any, Any]:
         """``reached`` and ``best`` with trial ``t`` taken into account."""
-        if t.state != self._complete or t.datetime_complete is None:
-            return reached, best  # not COMPLETE (Optuna fails a NaN value, so none is NaN)
+        if t.state != self._complete:  # Optuna fails a NaN value, so no value is NaN
+            return reached, best
         target, direction = self.settings.target, self._direction
         if (target is not None and self._after_since(t)
                 and (t.value == target or better(t.value, target, direction))
