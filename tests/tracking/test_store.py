@@ -1,5 +1,5 @@
-"""Opening a store: four processes writing one SQLite store at once (in WAL mode), and a
-first run stopped while MLflow creates its store."""
+"""Opening a store: four processes writing one SQLite store at once (in WAL mode), a first
+run stopped while MLflow creates its store, and new stores copied from a cached schema."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from ..conftest import ROOT, client
 
@@ -55,22 +57,68 @@ def test_four_processes_write_one_sqlite_store_without_loss(tmp_path: Path) -> N
 
 def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_store(
         tmp_path: Path) -> None:
-    """MLflow creates a store by migrating it (~1 s). Ctrl-C meanwhile used to leave a file
-    that every later command failed to open; the store now appears complete or not at all."""
+    """MLflow creates a store by migrating it (~2 s). Ctrl-C meanwhile used to leave a file
+    that every later command failed to open; the store now appears complete or not at all,
+    and so does the empty schema that later stores are copied from."""
+    cache = tmp_path / "cache"  # no schema there yet: this run migrates one
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["XDG_CACHE_HOME"] = str(cache)
     args = [sys.executable, str(ROOT / "run.py"), f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
             f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".mlflow.db.creating-*")) and time.time() < deadline:
+    while not list(cache.glob("expforge/.mlflow-schema-*.db.creating-*")) \
+            and time.time() < deadline:
         time.sleep(0.005)
     time.sleep(0.2)  # inside the migrations
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir() if "mlflow" in p.name) == []
-    again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert list((cache / "expforge").iterdir()) == []
+    again = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False,
+                           env=env)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert [p.name for p in (cache / "expforge").iterdir()] == [schema_name()]
+
+
+def test_a_new_store_is_a_copy_of_the_cached_schema_with_its_own_artifact_root(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second store takes milliseconds, not MLflow's 2 s of migrations; each keeps its
+    own default experiment. A cached file that MLflow cannot open is passed by: the store is
+    migrated in place, as without a cache."""
+    from mlflow.entities import Param
+
+    from expforge.tracking import LocalStore, TrackingSettings
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    made = {}
+    for name in ("first", "second", "third"):
+        if name == "third":  # damaged, or made by another MLflow of the same version
+            (tmp_path / "cache" / "expforge" / schema_name()).write_bytes(b"not a database")
+        settings = TrackingSettings(uri=f"sqlite:///{tmp_path}/{name}.db", experiment=name,
+                                    artifact_root=str(tmp_path / f"art-{name}"))
+        start = time.perf_counter()
+        LocalStore(settings.uri).connect(settings)
+        made[name] = time.perf_counter() - start
+        c = client(settings.uri)
+        assert c.get_experiment("0").artifact_location == (
+            tmp_path / f"art-{name}" / "0").as_uri()
+        assert c.get_experiment_by_name(name) is not None
+        run = c.create_run(c.get_experiment_by_name(name).experiment_id)
+        c.log_batch(run.info.run_id, params=[Param("alpha", "1.0")])
+        c.set_terminated(run.info.run_id)
+        assert c.get_run(run.info.run_id).data.params == {"alpha": "1.0"}
+    assert made["second"] < made["first"] / 3, made  # no migrations
+    assert sorted(p.name for p in tmp_path.iterdir() if "creating" in p.name) == []
+
+
+def schema_name() -> str:
+    """The cached empty schema's file name: one a version of MLflow's schema."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return f"mlflow-schema-{_get_latest_schema_revision()}.db"
 
 
 ALONGSIDE = """

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import socket
 import time
 from collections.abc import Mapping
@@ -134,7 +135,8 @@ def _create_sqlite_store(settings: TrackingSettings) -> None:
 
     MLflow creates a store by running its schema migrations in the file itself; a Ctrl-C
     meanwhile left a half-made store that every later command failed to open. The link does
-    not replace a store that another process made first. The store is made in WAL journal
+    not replace a store that another process made first. The store starts as a copy of the
+    cached empty schema (``_empty_schema``) where there is one, and is made in WAL journal
     mode, which the file keeps (see ``sqlite_commits_without_fsync``).
     """
     path = Path(settings.uri.split("sqlite:///", 1)[-1])
@@ -147,6 +149,9 @@ def _create_sqlite_store(settings: TrackingSettings) -> None:
     temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
     try:
         root = Path(settings.artifact_root or path.parent / "mlartifacts").resolve().as_uri()
+        schema = _empty_schema()
+        if schema is not None:
+            shutil.copyfile(schema, temporary)
         SqlAlchemyStore(f"sqlite:///{temporary}", root).engine.dispose()
         with contextlib.closing(sqlite3.connect(temporary)) as db:
             db.execute("PRAGMA journal_mode=WAL")  # its -wal file goes at close
@@ -156,6 +161,60 @@ def _create_sqlite_store(settings: TrackingSettings) -> None:
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 temporary.with_name(temporary.name + suffix).unlink()
+
+
+def _empty_schema() -> Path | None:
+    """A SQLite file that holds MLflow's tracking schema and no rows, made once per schema
+    version in the user's cache (``$XDG_CACHE_HOME/expforge``, else ``~/.cache/expforge``);
+    None where it cannot be made there, or where the file there is not that schema.
+
+    MLflow makes a store by running each of its schema migrations (about 2 s); a copy of the
+    result opens in a few milliseconds, and MLflow adds its default experiment, with the new
+    store's artifact root, on that first open. The file is made under a temporary name and
+    linked into place whole, as a store is.
+    """
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    try:
+        head = _get_latest_schema_revision()
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "expforge")
+        schema = cache / f"mlflow-schema-{head}.db"
+        if not schema.exists():
+            _make_empty_schema(schema)
+    except Exception:  # a cache that cannot be written: the store is migrated in place
+        return None
+    return schema if _revision(schema) == head else None
+
+
+def _make_empty_schema(schema: Path) -> None:
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
+
+    schema.parent.mkdir(parents=True, exist_ok=True)
+    temporary = schema.with_name(f".{schema.name}.creating-{os.getpid()}")
+    try:
+        engine = create_sqlalchemy_engine(f"sqlite:///{temporary}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, schema)
+    finally:
+        for suffix in ("", "-journal"):
+            with contextlib.suppress(OSError):
+                temporary.with_name(temporary.name + suffix).unlink()
+
+
+def _revision(path: Path) -> str | None:
+    """The schema version of the MLflow store at ``path`` (None if it is none)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro",
+                                                uri=True)) as db:
+            return str(db.execute("SELECT version_num FROM alembic_version").fetchone()[0])
+    except (sqlite3.Error, TypeError):
+        return None
 
 
 def check_reachable(uri: str) -> None:
