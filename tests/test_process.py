@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from expforge.process import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     guarded,
+    interrupts_allowed,
     interrupts_deferred,
     start_up_done,
 )
@@ -51,6 +53,62 @@ def test_a_second_ctrl_c_does_not_wait_for_the_write() -> None:
         done.append("the write")
     assert done == ["held"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _study_that_is_interrupted_in_its_tell(path: str) -> Any:
+    """A journal study on which Ctrl-C lands while Optuna records a trial's end."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    class CtrlCInTell(JournalStorage):
+        def set_trial_state_values(self, trial_id: int, state: Any,
+                                   values: Any = None) -> bool:
+            if state.is_finished():
+                os.kill(os.getpid(), signal.SIGINT)
+            return bool(super().set_trial_state_values(trial_id, state, values))
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna.create_study(storage=CtrlCInTell(JournalFileBackend(path)))
+
+
+def test_ctrl_c_while_optuna_records_a_trial_waits_for_the_record(tmp_path) -> None:
+    """As a worker's loop runs a trial (``search.loop``): Optuna 5 lost an interrupt that
+    landed in its tell (an UnboundLocalError from ``_run_trial``, the trial left RUNNING)."""
+    study = _study_that_is_interrupted_in_its_tell(str(tmp_path / "s.journal"))
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=1)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_in_a_trials_work_interrupts_at_once_and_the_trial_is_recorded_failed(
+        tmp_path) -> None:
+    import optuna
+
+    study = optuna.create_study()
+    done = []
+
+    def objective(trial: Any) -> float:
+        with interrupts_allowed():  # as TrialObjective runs the trial's fit
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("the rest of the fit")
+        return 0.0
+
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        study.optimize(objective, n_trials=1)
+    assert done == []
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    # One that came before the trial's work interrupts as the work starts.
+    with pytest.raises(KeyboardInterrupt), interrupts_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        done.append("held")
+        with interrupts_allowed():
+            done.append("the work")
+    assert done == ["held"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with interrupts_allowed():  # outside a deferred block: nothing changes
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_process_that_ignores_ctrl_c_has_nothing_to_defer() -> None:

@@ -91,7 +91,8 @@ def test_the_libraries_lines_go_to_the_job_log_not_the_console(study) -> None:
                  "A new study created", "alembic", "INFO"):
         assert line not in console
     log = (Path(_line(study, "study report: ")).parent / "run.log").read_text()
-    assert "Creating initial MLflow database tables" in log and "Trial 0 finished" in log
+    # MLflow opening the new store (its migrations where the empty schema was not cached yet)
+    assert re.search(r"\]\[(mlflow|alembic)\.", log) and "Trial 0 finished" in log, log[:2000]
 
 
 def test_the_mlflow_ui_lists_the_study_with_its_trials(study) -> None:

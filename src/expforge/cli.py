@@ -72,7 +72,7 @@ def run_job(cfg: Any) -> float | None:
 
 
 def register_job(cfg: Any) -> None:
-    """``python register.py``: select, gate, register; exit 1 when the gate blocks promotion."""
+    """``python register.py``: select, gate, register; exit 2 when the gate blocks promotion."""
 
     def action() -> None:
         from expforge.config import to_plain

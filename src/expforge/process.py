@@ -3,9 +3,10 @@
 **Signals.** In every expforge process SIGTERM means what Ctrl-C means (a scheduler's stop
 ends runs KILLED, not RUNNING): ``guarded`` turns it into ``KeyboardInterrupt`` for the
 command, ``terminate_as_interrupt`` for a worker process. While a process writes to the store
-itself, ``interrupts_deferred`` holds both signals until the write is done. A search's writer
-process ignores Ctrl-C (``ignore_interrupts``): the terminal's SIGINT reaches the whole
-process group, and the command decides when the writer ends.
+itself, or Optuna records a trial, ``interrupts_deferred`` holds both signals until the write
+is done (``interrupts_allowed`` lets them through inside it, around a trial's own work). A
+search's writer process ignores Ctrl-C (``ignore_interrupts``): the terminal's SIGINT reaches
+the whole process group, and the command decides when the writer ends.
 
 **Garbage collector.** ``run.py`` imports with the collector off; ``start_up_done`` freezes
 what the start-up loaded and turns it back on; ``freeze_loaded`` does the same in a writer
@@ -46,6 +47,7 @@ __all__ = [
     "guarded",
     "ignore_interrupts",
     "interrupted_for",
+    "interrupts_allowed",
     "interrupts_deferred",
     "library_logs_to_job_log",
     "name_process",
@@ -192,6 +194,7 @@ class _Held:
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self.previous: dict[int, Any] = {}  # the handlers it stands in for
 
     def __call__(self, signum: int, frame: Any) -> None:
         _note_interrupt()
@@ -216,14 +219,35 @@ def interrupts_deferred() -> Iterator[None]:
         yield
         return
     held = _Held()
-    previous = {s: signal.signal(s, held) for s in (signal.SIGINT, signal.SIGTERM)}
+    held.previous = {s: signal.signal(s, held) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for signum, handler in previous.items():
+        for signum, handler in held.previous.items():
             signal.signal(signum, handler)
     if held.received:
         raise KeyboardInterrupt(f"signal {held.received[0]}")
+
+
+@contextmanager
+def interrupts_allowed() -> Iterator[None]:
+    """Inside ``interrupts_deferred``: Ctrl-C and SIGTERM interrupt at once again for the
+    length of the block (one that came before it interrupts as it starts); elsewhere nothing
+    changes. A worker's loop defers interrupts around Optuna's bookkeeping of a trial and
+    allows them around the trial's own work (``search.loop``)."""
+    held = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not isinstance(held, _Held):
+        yield
+        return
+    for signum, handler in held.previous.items():
+        signal.signal(signum, handler)
+    try:
+        if held.received:
+            raise KeyboardInterrupt(f"signal {held.received[0]}")
+        yield
+    finally:
+        for signum in held.previous:
+            signal.signal(signum, held)
 
 
 def start_up_done() -> None:

@@ -19,18 +19,22 @@ def test_every_run_of_a_single_run_and_a_study_records_system_metrics(tmp_path: 
              "tracking.log_plots=false"]
     quiet = expforge.run([*store, "model=linear"])
     single = expforge.run([*store, "model=linear", "tracking.system_metrics=true"])
-    # A study through the CLI: its runs are written by the writer process.
-    done = run_cli("search=optuna", "model=linear", "search.n_trials=3", "search.plots=false",
-                   "tracking.system_metrics=true", f"search.storage={tmp_path}/s.journal",
-                   *store, f"paths.outputs={tmp_path}/out")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "system metrics" not in done.stdout + done.stderr  # MLflow's lines of it: not shown
+    # Studies through the CLI: runs written by the writer process, and by two workers each
+    # writing its own.
+    for name, how in (("by-writer", []), ("inline", ["search.n_workers=2",
+                                                     "tracking.writer=inline"])):
+        done = run_cli("search=optuna", "model=linear", "search.n_trials=3",
+                       "search.plots=false", "tracking.system_metrics=true", *how,
+                       f"search.storage={tmp_path}/{name}.journal", *store,
+                       f"paths.outputs={tmp_path}/out")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "system metrics" not in done.stdout + done.stderr  # MLflow's lines: not shown
 
     c = client(uri)
     assert not [k for k in c.get_run(quiet.run_id).data.metrics if k.startswith("system/")]
     study = [r for r in c.search_runs([single.experiment_id])
              if r.info.run_id not in (quiet.run_id, single.run_id)]
-    assert len(study) == 4  # the parent and three trials
+    assert len(study) == 8  # each study's parent and three trials
     for run in [c.get_run(single.run_id), *study]:
         assert run.info.status == "FINISHED"
         for key in SYSTEM:

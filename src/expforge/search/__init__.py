@@ -1,8 +1,8 @@
 """An Optuna study in which every trial is a full expforge run under one parent run.
 
 One module a step, from the bottom up: ``settings`` (``cfg.search`` checked), ``space``
-(search spaces), ``job`` (what the steps share), ``budget``, ``study`` (storage, sampler,
-pruner), ``recovery`` (after a crash), ``trial`` (the objective), ``report`` (progress and
+(search spaces), ``job`` (what the steps share), ``budget``, ``recovery`` (after a crash),
+``study`` (storage, sampler, pruner), ``trial`` (the objective), ``report`` (progress and
 tables), ``parent`` (the parent run), ``loop`` (a worker's trials), ``workers`` (parallel
 processes) and ``coordinator`` (``run_search``).
 """

@@ -8,6 +8,7 @@ import os
 import time
 from typing import Any
 
+from expforge.process import interrupts_deferred
 from expforge.search.budget import StopRules, check_failures, counts, since_of
 from expforge.search.job import Job
 from expforge.search.parent import best_after_each_trial
@@ -66,7 +67,11 @@ def _loop(job: Job, study: Any, objective: TrialObjective, callbacks: list[Any])
                 recovered = time.monotonic()
             continue
         check_failures(settings, now)
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
-                       gc_after_trial=False, show_progress_bar=False)
+        # Optuna's asking, telling and callbacks are not interrupted: an interrupt inside
+        # its tell left the trial RUNNING and surfaced as an UnboundLocalError (Optuna 5's
+        # _run_trial). The trial's work takes interrupts at once (TrialObjective).
+        with interrupts_deferred():
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks,
+                           gc_after_trial=False, show_progress_bar=False)
         if objective.stop_error is not None:
             raise objective.stop_error

@@ -58,7 +58,7 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> l
     fixed = fixed_values(space)
     for key, spec in _leaves(space).items():
         if key in fixed:
-            continue  # applied to the study's config (search.fixed), not searched
+            continue  # applied to the study's config (search/fixed.py), not searched
         where = f"search_space.{key}"
         if lookup(config, key) is MISSING:
             near = closest_keys(key, known)

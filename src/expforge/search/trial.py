@@ -9,6 +9,7 @@ from typing import Any
 
 from expforge.errors import ConfigError, ExpforgeError, SearchError, TrackingError, first_line
 from expforge.metrics import base_metric, better
+from expforge.process import interrupts_allowed
 from expforge.runner import (
     RunContext,
     attach_figures,
@@ -105,22 +106,23 @@ class TrialObjective:
             return {"optuna.trial_state": "FAIL"}
 
         try:
-            result, model = run_one(
-                cfg,
-                self.context,
-                dataset=job.dataset,
-                store=job.store,
-                experiment_id=job.experiment_id,
-                parent_run_id=job.parent_run_id,
-                extra_tags=tags,
-                n_jobs=self.threads,
-                log_model=self.log_each,
-                log_plots=self.log_each and job.tracking.log_plots,
-                reporter=reporter,
-                on_start=started,
-                stop_early=(optuna.TrialPruned,),
-                end_tags=end_tags,
-            )
+            with interrupts_allowed():  # the loop defers them around Optuna's bookkeeping
+                result, model = run_one(
+                    cfg,
+                    self.context,
+                    dataset=job.dataset,
+                    store=job.store,
+                    experiment_id=job.experiment_id,
+                    parent_run_id=job.parent_run_id,
+                    extra_tags=tags,
+                    n_jobs=self.threads,
+                    log_model=self.log_each,
+                    log_plots=self.log_each and job.tracking.log_plots,
+                    reporter=reporter,
+                    on_start=started,
+                    stop_early=(optuna.TrialPruned,),
+                    end_tags=end_tags,
+                )
         except (optuna.TrialPruned, TrackingError, KeyboardInterrupt, SystemExit):
             raise  # a TrackingError is the store's failure, not the config's: not counted
         except Exception as exc:

@@ -54,9 +54,9 @@ def open_store(settings: TrackingSettings, workers: int | None = None) -> Store:
     where MLflow is loaded already (a job of a multirun), each process writes its own.
     """
     if workers is None or settings.writer == "inline" or "mlflow" in sys.modules:
-        return LocalStore(settings.uri)
+        return LocalStore(settings.uri, settings)
     if settings.writer == "auto" and (os.cpu_count() or 1) < 2:
-        return LocalStore(settings.uri)  # no core to write on while the trials fit
+        return LocalStore(settings.uri, settings)  # no core to write on while trials fit
     from expforge.tracking._writer import WriterClient
 
     return WriterClient(settings.uri, clients=1 + workers if workers > 1 else 1)

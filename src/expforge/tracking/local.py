@@ -30,8 +30,9 @@ class LocalStore(Store):
     """Writes in this process; Ctrl-C and SIGTERM wait for each write to end (see
     ``process.interrupts_deferred``)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, settings: TrackingSettings | None = None) -> None:
         self.uri = uri
+        self._settings = settings  # the command's, once known: a worker's store has them
         self._client: Any = None
         self._context: dict[str, str] | None = None
         self._locations: dict[str, str] = {}  # run id -> artifact URI, of runs created here
@@ -40,7 +41,7 @@ class LocalStore(Store):
         # fails at once with the same line instead of retrying again (a flush of queued
         # writes would otherwise take retry_s each).
         self._gone: str | None = None
-        self._retry_s = 120.0
+        self._retry_s = settings.retry_s if settings is not None else 120.0
         self._system: SystemMetrics | None = None  # tracking.system_metrics=true
 
     @property
@@ -53,11 +54,10 @@ class LocalStore(Store):
 
     def connect(self, settings: TrackingSettings,
                 meanwhile: Callable[[], None] | None = None) -> str:
-        self._retry_s = settings.retry_s
+        self._settings, self._retry_s = settings, settings.retry_s
         with self._failing("opening the store"):
             experiment_id = connect(settings)
-        if settings.system_metrics and self._system is None:
-            self._system = SystemMetrics(self.uri)
+        self._monitors()
         if meanwhile is not None:
             meanwhile()
         return experiment_id
@@ -84,8 +84,8 @@ class LocalStore(Store):
         with self._failing("creating a run"), interrupts_deferred():
             run_id = runs.create_run(self.client, self._context, experiment_id, run_name, tags,
                                      parent_run_id, start, self._locations)
-            if self._system is not None:
-                self._system.start(run_id)
+            if (system := self._monitors()) is not None:
+                system.start(run_id)
             return run_id
 
     def write(self, record: RunRecord) -> None:
@@ -119,8 +119,8 @@ class LocalStore(Store):
         with self._failing("opening the parent run"), interrupts_deferred():
             run_id, resumed = runs.open_parent_run(self.client, experiment_id, existing, name,
                                                    {**self._context, **tags})
-            if self._system is not None:
-                self._system.start(run_id, resumed)
+            if (system := self._monitors()) is not None:
+                system.start(run_id, resumed)
             return run_id, resumed
 
     def running_trial_runs(self, experiment_id: str, study_name: str) -> dict[str, str]:
@@ -144,9 +144,17 @@ class LocalStore(Store):
 
     def for_client(self, client: int) -> Store:
         """Its own store, which opens when first used."""
-        store = LocalStore(self.uri)
+        store = LocalStore(self.uri, self._settings)
         store._context = self._context
         return store
+
+    def _monitors(self) -> SystemMetrics | None:
+        """The system-metrics monitors of this store's runs (``tracking.system_metrics=true``;
+        a worker's store starts its own)."""
+        if self._system is None and self._settings is not None \
+                and self._settings.system_metrics:
+            self._system = SystemMetrics(self.uri)
+        return self._system
 
     @contextlib.contextmanager
     def _failing(self, what: str) -> Iterator[None]:
