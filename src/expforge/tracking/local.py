@@ -32,7 +32,7 @@ class LocalStore(Store):
 
     def __init__(self, uri: str, settings: TrackingSettings | None = None) -> None:
         self.uri = uri
-        self._settings = settings  # the command's, once known: a worker's store has them
+        self._settings = settings  # cfg.tracking before connect: a worker gets the command's
         self._client: Any = None
         self._context: dict[str, str] | None = None
         self._locations: dict[str, str] = {}  # run id -> artifact URI, of runs created here
