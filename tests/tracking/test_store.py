@@ -3,6 +3,7 @@ run stopped while MLflow creates its store, and new stores copied from a cached 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -68,8 +69,8 @@ def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_st
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
     deadline = time.time() + 60
-    while not list(cache.glob("expforge/.mlflow-schema-*.db.creating-*")) \
-            and time.time() < deadline:
+    while not list(cache.glob("expforge/.mlflow-schema-*.db.creating-*")):
+        assert time.time() < deadline and proc.poll() is None, "no migrations began"
         time.sleep(0.005)
     time.sleep(0.2)  # inside the migrations
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
@@ -85,23 +86,29 @@ def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_st
 
 def test_a_new_store_is_a_copy_of_the_cached_schema_with_its_own_artifact_root(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The second store takes milliseconds, not MLflow's 2 s of migrations; each keeps its
-    own default experiment. A cached file that MLflow cannot open is passed by: the store is
-    migrated in place, as without a cache."""
+    """MLflow migrates an empty schema once into the cache; each new store is a copy of it
+    that keeps its own default experiment. A damaged cached file is made again; where there
+    is no cache to write, each store is migrated in place, as without one."""
     from mlflow.entities import Param
 
     from expforge.tracking import LocalStore, TrackingSettings
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    made = {}
-    for name in ("first", "second", "third"):
-        if name == "third":  # damaged, or made by another MLflow of the same version
-            (tmp_path / "cache" / "expforge" / schema_name()).write_bytes(b"not a database")
+    migrations = _Migrations()
+    logger = logging.getLogger("mlflow.store.db.utils")
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, migrations])
+    cached = tmp_path / "cache" / "expforge" / schema_name()
+    for name, cache, migrated in (("first", "cache", 1), ("second", "cache", 0),
+                                  ("damaged", "cache", 1), ("again", "cache", 0),
+                                  ("no-cache", "a-file", 1)):
+        if name == "damaged":
+            cached.write_bytes(b"not a database")
+        (tmp_path / "a-file").touch()  # a cache folder that cannot be made
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / cache))
         settings = TrackingSettings(uri=f"sqlite:///{tmp_path}/{name}.db", experiment=name,
                                     artifact_root=str(tmp_path / f"art-{name}"))
-        start = time.perf_counter()
+        migrations.seen = 0
         LocalStore(settings.uri).connect(settings)
-        made[name] = time.perf_counter() - start
+        assert migrations.seen == migrated, name
         c = client(settings.uri)
         assert c.get_experiment("0").artifact_location == (
             tmp_path / f"art-{name}" / "0").as_uri()
@@ -110,8 +117,17 @@ def test_a_new_store_is_a_copy_of_the_cached_schema_with_its_own_artifact_root(
         c.log_batch(run.info.run_id, params=[Param("alpha", "1.0")])
         c.set_terminated(run.info.run_id)
         assert c.get_run(run.info.run_id).data.params == {"alpha": "1.0"}
-    assert made["second"] < made["first"] / 3, made  # no migrations
-    assert sorted(p.name for p in tmp_path.iterdir() if "creating" in p.name) == []
+        assert cached.read_bytes().startswith(b"SQLite format 3"), name
+    assert sorted(p.name for p in tmp_path.rglob("*creating*")) == []
+
+
+class _Migrations(logging.Handler):
+    """Counts MLflow's migrations of a new schema."""
+
+    seen = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen += "Creating initial MLflow database tables" in record.getMessage()
 
 
 def schema_name() -> str:

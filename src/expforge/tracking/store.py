@@ -9,7 +9,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,8 +136,8 @@ def _create_sqlite_store(settings: TrackingSettings) -> None:
     MLflow creates a store by running its schema migrations in the file itself; a Ctrl-C
     meanwhile left a half-made store that every later command failed to open. The link does
     not replace a store that another process made first. The store starts as a copy of the
-    cached empty schema (``_empty_schema``) where there is one, and is made in WAL journal
-    mode, which the file keeps (see ``sqlite_commits_without_fsync``).
+    cached empty schema (``_copy_empty_schema``) where there is one, and is made in WAL
+    journal mode, which the file keeps (see ``sqlite_commits_without_fsync``).
     """
     path = Path(settings.uri.split("sqlite:///", 1)[-1])
     if path.exists():
@@ -146,63 +146,70 @@ def _create_sqlite_store(settings: TrackingSettings) -> None:
 
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
-    try:
-        root = Path(settings.artifact_root or path.parent / "mlartifacts").resolve().as_uri()
-        schema = _empty_schema()
-        if schema is not None:
-            shutil.copyfile(schema, temporary)
+    root = Path(settings.artifact_root or path.parent / "mlartifacts").resolve().as_uri()
+    with _made_whole(path) as temporary:
+        _copy_empty_schema(temporary)
         SqlAlchemyStore(f"sqlite:///{temporary}", root).engine.dispose()
         with contextlib.closing(sqlite3.connect(temporary)) as db:
             db.execute("PRAGMA journal_mode=WAL")  # its -wal file goes at close
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
+
+
+@contextlib.contextmanager
+def _made_whole(path: Path, replace: bool = False) -> Iterator[Path]:
+    """A SQLite file written under a temporary name beside ``path``, then linked into place
+    (never over a file that another process put there first), or with ``replace`` put in
+    place of what is there; whatever is left of the temporary file is removed."""
+    temporary = path.with_name(f".{path.name}.creating-{os.getpid()}")
+    try:
+        yield temporary
+        if replace:
+            os.replace(temporary, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(temporary, path)
     finally:
         for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 temporary.with_name(temporary.name + suffix).unlink()
 
 
-def _empty_schema() -> Path | None:
-    """A SQLite file that holds MLflow's tracking schema and no rows, made once per schema
-    version in the user's cache (``$XDG_CACHE_HOME/expforge``, else ``~/.cache/expforge``);
-    None where it cannot be made there, or where the file there is not that schema.
+def _copy_empty_schema(target: Path) -> None:
+    """Copies to ``target`` a SQLite file that holds MLflow's tracking schema and no rows,
+    kept per schema version in the user's cache (``$XDG_CACHE_HOME/expforge``, else
+    ``~/.cache/expforge``) and made there first where it is missing or is not that schema.
+    Where the cache cannot be written or read, nothing is copied and MLflow migrates
+    ``target`` itself.
 
-    MLflow makes a store by running each of its schema migrations (about 2 s); a copy of the
-    result opens in a few milliseconds, and MLflow adds its default experiment, with the new
-    store's artifact root, on that first open. The file is made under a temporary name and
-    linked into place whole, as a store is.
+    MLflow makes a store by running each of its schema migrations; a copy of the result opens
+    at once, and MLflow adds its default experiment, with the new store's artifact root, on
+    that first open. A cached file is replaced whole, so a copy being made meanwhile reads
+    the old file or the new one.
     """
-    from mlflow.store.db.utils import _get_latest_schema_revision
+    from mlflow.store.db.utils import (
+        _get_latest_schema_revision,
+        _initialize_tables,
+        create_sqlalchemy_engine,
+    )
 
     try:
         head = _get_latest_schema_revision()
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "expforge")
         schema = cache / f"mlflow-schema-{head}.db"
-        if not schema.exists():
-            _make_empty_schema(schema)
-    except Exception:  # a cache that cannot be written: the store is migrated in place
-        return None
-    return schema if _revision(schema) == head else None
-
-
-def _make_empty_schema(schema: Path) -> None:
-    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
-
-    schema.parent.mkdir(parents=True, exist_ok=True)
-    temporary = schema.with_name(f".{schema.name}.creating-{os.getpid()}")
-    try:
-        engine = create_sqlalchemy_engine(f"sqlite:///{temporary}")
-        try:
-            _initialize_tables(engine)
-        finally:
-            engine.dispose()
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, schema)
-    finally:
-        for suffix in ("", "-journal"):
-            with contextlib.suppress(OSError):
-                temporary.with_name(temporary.name + suffix).unlink()
+        if _revision(schema) != head:  # none yet, or damaged
+            cache.mkdir(parents=True, exist_ok=True)
+            with _made_whole(schema, replace=True) as temporary:
+                engine = create_sqlalchemy_engine(f"sqlite:///{temporary}")
+                try:
+                    _initialize_tables(engine)
+                finally:
+                    engine.dispose()
+        shutil.copyfile(schema, target)
+        copied = _revision(target) == head
+    except Exception:  # a cache that cannot be written or read
+        copied = False
+    if not copied:  # MLflow migrates target itself
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
 
 
 def _revision(path: Path) -> str | None:
