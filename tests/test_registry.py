@@ -109,6 +109,8 @@ def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> N
                    "search_space.model.n_estimators.high=100", *store)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "champion -> v1" in done.stdout  # (register.py itself: tests/test_errors.py)
+    # The command closed its store: the -wal file is folded into mlflow.db and gone.
+    assert sorted(p.name for p in tmp_path.glob("mlflow.db*")) == ["mlflow.db"]
     uri = "models:/expforge-model@champion"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"  # registry follows it

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,10 +261,14 @@ def test_two_workers_finish_exactly_the_budget(tmp_path: Path) -> None:
     assert {"expforge-writer", "expforge-work0", "expforge-work1"} <= names, names
     # The command never loaded MLflow, and its start-up turned the collector back on.
     assert "mlflow loaded here: False gc enabled: True" in done.stdout, done.stdout[-2000:]
+    # The writer closed the store as it ended: mlflow.db alone, copied, holds every run.
+    assert sorted(p.name for p in tmp_path.glob("mlflow.db*")) == ["mlflow.db"]
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "mlflow.db", tmp_path / "copy")
     _assert_budget_exact(tmp_path, 7)
     study = load(tmp_path / "s.journal", "cli")
     assert len({t.user_attrs["expforge.pid"] for t in study.trials}) == 2
-    c = client(f"sqlite:///{tmp_path}/mlflow.db")
+    c = client(f"sqlite:///{tmp_path}/copy/mlflow.db")
     for trial in study.trials:
         run = c.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED"
@@ -500,8 +505,6 @@ def test_the_console_fits_80_columns_without_a_terminal(tmp_path: Path) -> None:
 def test_fixed_values_of_a_ported_sweeper_config_reach_every_trial(tmp_path: Path) -> None:
     """hydra-optuna-sweeper's ``params:`` may fix values: a config key, and a config group's
     choice. Every trial gets them, and records them as its params."""
-    import shutil
-
     project = tmp_path / "project"
     project.mkdir()
     shutil.copy(ROOT / "run.py", project / "run.py")

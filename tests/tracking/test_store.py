@@ -82,6 +82,8 @@ def test_a_first_run_interrupted_while_creating_its_store_leaves_no_half_made_st
                            env=env)
     assert again.returncode == 0, again.stderr[-2000:]
     assert [p.name for p in (cache / "expforge").iterdir()] == [schema_name()]
+    # The run closed its store: the -wal file is folded into mlflow.db and gone.
+    assert sorted(p.name for p in tmp_path.iterdir() if "mlflow" in p.name) == ["mlflow.db"]
 
 
 def test_a_new_store_is_a_copy_of_the_cached_schema_with_its_own_artifact_root(

@@ -20,6 +20,7 @@ from expforge.tracking.store import (
     WRITERS,
     TrackingSettings,
     check_reachable,
+    close_at_exit,
     connect,
     ui_command,
 )
@@ -67,4 +68,5 @@ def reader(uri: str) -> Any:
     ``tracking.queries`` and the registry's operations of ``tracking.models``."""
     import mlflow
 
+    close_at_exit(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -3,6 +3,7 @@ and the experiment, got or created."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib
 import os
@@ -19,8 +20,9 @@ from expforge.config import mask_uri, slug
 from expforge.databases import DatabaseUnusable, probe, schema_lock
 from expforge.errors import TrackingError, first_line
 
-__all__ = ["WRITERS", "TrackingSettings", "check_reachable", "connect", "load_store_code",
-           "quiet_http_client", "ui_command"]
+__all__ = ["WRITERS", "TrackingSettings", "check_reachable", "close_at_exit",
+           "close_sqlite_stores", "connect", "load_store_code", "quiet_http_client",
+           "ui_command"]
 
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # Classical training, for MLflow UIs that read the experiment's kind from this tag (3.17.2's
@@ -97,6 +99,7 @@ def connect(settings: TrackingSettings) -> str:
     if scheme == "sqlite":
         _create_sqlite_store(settings)
         sqlite_commits_without_fsync()
+        close_at_exit(settings.uri)
     mlflow.set_tracking_uri(settings.uri)
     mlflow.set_registry_uri(settings.uri)
     if scheme == "postgresql":
@@ -408,6 +411,35 @@ def sqlite_commits_without_fsync() -> None:
             connection.execute("PRAGMA synchronous=NORMAL")
 
     event.listen(Engine, "connect", on_connect)
+
+
+def close_sqlite_stores() -> None:
+    """Close the connections that this process's MLflow keeps to SQLite stores.
+
+    The last connection to a store in WAL journal mode to close folds the ``-wal`` file into
+    the store file and removes it, so that after a command the store file alone holds every
+    commit (a copy, a move). The interpreter does not close them at exit where the collector
+    is frozen (``process.freeze_at_exit``), nor in a process that multiprocessing ends. A
+    closed engine opens new connections if it is used again.
+    """
+    import sys
+
+    for module, name in (("mlflow.store.tracking.sqlalchemy_store", "SqlAlchemyStore"),
+                         ("mlflow.store.model_registry.sqlalchemy_store", "SqlAlchemyStore")):
+        engines = getattr(getattr(sys.modules.get(module), name, None), "_engine_map", {})
+        for engine in list(engines.values()):
+            if engine.dialect.name == "sqlite":
+                engine.dispose()
+
+
+_CLOSE_AT_EXIT = [False]
+
+
+def close_at_exit(uri: str) -> None:
+    """Where ``uri`` is a SQLite store: ``close_sqlite_stores`` as this process exits."""
+    if urlparse(uri).scheme == "sqlite" and not _CLOSE_AT_EXIT[0]:
+        _CLOSE_AT_EXIT[0] = True
+        atexit.register(close_sqlite_stores)
 
 
 def load_store_code(uri: str) -> None:

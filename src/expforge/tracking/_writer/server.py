@@ -28,6 +28,7 @@ from expforge.process import freeze_loaded, ignore_interrupts, name_process
 from expforge.tracking._writer import messages as m
 from expforge.tracking.local import LocalStore
 from expforge.tracking.models import load_model_code
+from expforge.tracking.store import close_sqlite_stores
 
 __all__ = ["serve"]
 
@@ -57,24 +58,27 @@ def serve(uri: str, requests: list[Any], replies: list[Any], parent: int,
     freeze_loaded()  # what is loaded now stays out of the collector's walks
     live = dict(enumerate(requests))  # the clients whose pipe is open
     pending: dict[int, deque[m.Request]] = {client: deque() for client in live}
-    while live or any(pending.values()):
-        ready = wait(list(live.values()), timeout=0 if any(pending.values()) else None)
-        for connection in ready:
-            _read(next(c for c, x in live.items() if x is connection), live, pending)
-        for client, queued in pending.items():  # rule 2
-            for request in [r for r in queued if isinstance(r, m.CreateRun)]:
-                queued.remove(request)
-                _serve(state, client, request)
-        for client in [c for c, queued in pending.items() if queued]:
-            head = pending[client][0] if pending[client] else None
-            if (client == 0 or (head is not None and head.drains)) and len(pending) > 1:
-                for other in [c for c in pending if c != 0]:  # rule 3
-                    if other in live:
-                        _read(other, live, pending)
-                    while pending[other]:
-                        _serve(state, other, pending[other].popleft())
-            if pending[client] and not _serve(state, client, pending[client].popleft()):
-                return
+    try:
+        while live or any(pending.values()):
+            ready = wait(list(live.values()), timeout=0 if any(pending.values()) else None)
+            for connection in ready:
+                _read(next(c for c, x in live.items() if x is connection), live, pending)
+            for client, queued in pending.items():  # rule 2
+                for request in [r for r in queued if isinstance(r, m.CreateRun)]:
+                    queued.remove(request)
+                    _serve(state, client, request)
+            for client in [c for c, queued in pending.items() if queued]:
+                head = pending[client][0] if pending[client] else None
+                if (client == 0 or (head is not None and head.drains)) and len(pending) > 1:
+                    for other in [c for c in pending if c != 0]:  # rule 3
+                        if other in live:
+                            _read(other, live, pending)
+                        while pending[other]:
+                            _serve(state, other, pending[other].popleft())
+                if pending[client] and not _serve(state, client, pending[client].popleft()):
+                    return
+    finally:  # the store file alone then holds every run (multiprocessing skips atexit)
+        close_sqlite_stores()
 
 
 def _read(client: int, live: dict[int, Any], pending: dict[int, deque[m.Request]]) -> None:
