@@ -29,12 +29,18 @@ for i in range(25):
 
 
 def test_four_processes_write_one_sqlite_store_without_loss(tmp_path: Path) -> None:
+    """Four processes started at once on a new store, and with no cached schema yet: each
+    may make the store and the cache, and one of each stays, whole."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(tmp_path), str(w)],
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT) for w in range(4)]
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for w in range(4)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
     assert not any("database is locked" in e for e in errors)
+    assert [p.name for p in (tmp_path / "cache" / "expforge").iterdir()] == [schema_name()]
+    assert sorted(p.name for p in tmp_path.glob("*mlflow.db*")) == ["mlflow.db"]
     from expforge.tracking.store import sqlite_commits_without_fsync
 
     sqlite_commits_without_fsync()  # before this process connects, as a writer does
