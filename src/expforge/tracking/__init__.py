@@ -20,7 +20,6 @@ from expforge.tracking.store import (
     WRITERS,
     TrackingSettings,
     check_reachable,
-    close_at_exit,
     connect,
     ui_command,
 )
@@ -68,5 +67,4 @@ def reader(uri: str) -> Any:
     ``tracking.queries`` and the registry's operations of ``tracking.models``."""
     import mlflow
 
-    close_at_exit(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)

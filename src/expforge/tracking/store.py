@@ -20,9 +20,8 @@ from expforge.config import mask_uri, slug
 from expforge.databases import DatabaseUnusable, probe, schema_lock
 from expforge.errors import TrackingError, first_line
 
-__all__ = ["WRITERS", "TrackingSettings", "check_reachable", "close_at_exit",
-           "close_sqlite_stores", "connect", "load_store_code", "quiet_http_client",
-           "ui_command"]
+__all__ = ["WRITERS", "TrackingSettings", "check_reachable", "close_sqlite_stores", "connect",
+           "load_store_code", "quiet_http_client", "ui_command"]
 
 DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # Classical training, for MLflow UIs that read the experiment's kind from this tag (3.17.2's
@@ -99,7 +98,6 @@ def connect(settings: TrackingSettings) -> str:
     if scheme == "sqlite":
         _create_sqlite_store(settings)
         sqlite_commits_without_fsync()
-        close_at_exit(settings.uri)
     mlflow.set_tracking_uri(settings.uri)
     mlflow.set_registry_uri(settings.uri)
     if scheme == "postgresql":
@@ -188,13 +186,13 @@ def _copy_empty_schema(target: Path) -> None:
     that first open. A cached file is replaced whole, so a copy being made meanwhile reads
     the old file or the new one.
     """
-    from mlflow.store.db.utils import (
-        _get_latest_schema_revision,
-        _initialize_tables,
-        create_sqlalchemy_engine,
-    )
-
     try:
+        from mlflow.store.db.utils import (  # MLflow's private ones: without them, no copy
+            _get_latest_schema_revision,
+            _initialize_tables,
+            create_sqlalchemy_engine,
+        )
+
         head = _get_latest_schema_revision()
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "expforge")
         schema = cache / f"mlflow-schema-{head}.db"
@@ -420,7 +418,8 @@ def close_sqlite_stores() -> None:
     the store file and removes it, so that after a command the store file alone holds every
     commit (a copy, a move). The interpreter does not close them at exit where the collector
     is frozen (``process.freeze_at_exit``), nor in a process that multiprocessing ends. A
-    closed engine opens new connections if it is used again.
+    closed engine opens new connections if it is used again. Registered with ``atexit`` as
+    this module is imported; the writer process calls it as it ends.
     """
     import sys
 
@@ -432,14 +431,9 @@ def close_sqlite_stores() -> None:
                 engine.dispose()
 
 
-_CLOSE_AT_EXIT = [False]
-
-
-def close_at_exit(uri: str) -> None:
-    """Where ``uri`` is a SQLite store: ``close_sqlite_stores`` as this process exits."""
-    if urlparse(uri).scheme == "sqlite" and not _CLOSE_AT_EXIT[0]:
-        _CLOSE_AT_EXIT[0] = True
-        atexit.register(close_sqlite_stores)
+# Registered before MLflow is loaded, so that it runs after MLflow's own exit handlers (an
+# open run's end, queued async logging), which write through these engines.
+atexit.register(close_sqlite_stores)
 
 
 def load_store_code(uri: str) -> None:
