@@ -15,6 +15,28 @@ from expforge.errors import ConfigError, DataError
 
 
 def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
+    """Called inside the notebook's own MLflow run, in another store and experiment: the
+    notebook's run stays open there, and its tracking URI, experiment and environment are
+    as they were after each call."""
+    import mlflow
+
+    from expforge.tracking.fluent import kept
+
+    with kept():  # this test's own MLflow state goes at its end
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mine.db")
+        mlflow.set_experiment("mine")
+        with mlflow.start_run(run_name="the notebook's") as mine:
+            _run_search_register_and_runs(tmp_path)
+            assert mlflow.active_run().info.run_id == mine.info.run_id
+            assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mine.db"
+            assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mine.db"
+            mlflow.log_metric("after", 1.0)
+        mine = mlflow.get_run(mine.info.run_id)
+        assert mine.info.status == "FINISHED" and mine.data.metrics == {"after": 1.0}
+        assert mlflow.get_experiment(mine.info.experiment_id).name == "mine"
+
+
+def _run_search_register_and_runs(tmp_path: Path) -> None:
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
              f"tracking.artifact_root={tmp_path}/art", "tracking.log_plots=false"]
     cwd, gc_on = os.getcwd(), gc.isenabled()
@@ -25,6 +47,10 @@ def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
     assert first.run_id != again.run_id
     assert first.metrics["val_rmse"] == again.metrics["val_rmse"]  # same seed, same run
     assert first.objective.metric == "val_rmse" and first.model_uri.startswith("models:/")
+    import mlflow
+
+    ours = mlflow.MlflowClient(store[0].split("=", 1)[1]).get_run(first.run_id)
+    assert "mlflow.parentRunId" not in ours.data.tags  # not under the notebook's run
 
     study = expforge.search([*store, "model=rf", "model.n_estimators=5", "search.n_trials=3",
                              "search.plots=false", f"search.storage={tmp_path}/s.journal"])

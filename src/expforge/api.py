@@ -10,23 +10,42 @@ The configs are composed with Hydra's compose API from the project's ``conf/`` (
 ``config_dir``), as ``python run.py <overrides>`` composes them, and checked by the same
 pre-check. A mistake raises the ``ExpforgeError`` whose line the command would print; nothing
 exits. The caller's working directory, garbage collector and signal handlers are left as
-they were, and every function can be called again in the same process.
+they were, and so is its MLflow: its tracking and registry URIs, its experiment and the run
+it has open, which expforge's runs neither nest under nor end. Every function can be called
+again in the same process.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from expforge.errors import ConfigError, first_line
+from expforge.tracking.fluent import kept
 
 __all__ = ["StudyResult", "register", "run", "runs", "search"]
 
 # The tags that ``runs`` shows as columns, besides run id, name, status, params and metrics.
 KEY_TAGS = ("expforge.role", "model", "data", "optuna.study_name", "optuna.trial_number",
             "optuna.trial_state", "config_hash", "dataset_digest", "mlflow.parentRunId")
+
+
+Call = TypeVar("Call", bound=Callable[..., Any])
+
+
+def _callers_mlflow_kept(function: Call) -> Call:
+    """The caller's MLflow (its URIs, experiment and active runs) as it was after the call,
+    and out of the call's way (``tracking.fluent.kept``)."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with kept():
+            return function(*args, **kwargs)
+
+    return call  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -40,6 +59,7 @@ class StudyResult:
     study: Any  # optuna.Study
 
 
+@_callers_mlflow_kept
 def run(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> Any:
     """One run of the composed config (``python run.py <overrides>``); its
     ``runner.RunResult``: run id, metrics, objective and value, model URI."""
@@ -53,6 +73,7 @@ def run(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> 
     return result
 
 
+@_callers_mlflow_kept
 def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
            ) -> StudyResult:
     """The Optuna study of the composed config (``search=optuna`` unless another search is
@@ -78,6 +99,7 @@ def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
                        study)
 
 
+@_callers_mlflow_kept
 def register(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> Any:
     """``python register.py <overrides>``: select, gate, register; the
     ``registry.Report`` (``passed`` is False when the gate blocked the promotion)."""
