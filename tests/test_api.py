@@ -17,12 +17,18 @@ from expforge.errors import ConfigError, DataError
 def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
     """Called inside the notebook's own MLflow run, in another store and experiment: the
     notebook's run stays open there, and its tracking URI, experiment and environment are
-    as they were after each call."""
-    import mlflow
+    as they were after each call; so is Optuna's verbosity, and its console handler."""
+    import logging
 
+    import mlflow
+    import optuna
+
+    from expforge.process import optuna_verbosity_kept
     from expforge.tracking.fluent import kept
 
-    with kept():  # this test's own MLflow state goes at its end
+    optuna_handlers = list(logging.getLogger("optuna").handlers)
+    with kept(), optuna_verbosity_kept():  # this test's own settings go at its end
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mine.db")
         mlflow.set_experiment("mine")
         with mlflow.start_run(run_name="the notebook's") as mine:
@@ -34,6 +40,8 @@ def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
         mine = mlflow.get_run(mine.info.run_id)
         assert mine.info.status == "FINISHED" and mine.data.metrics == {"after": 1.0}
         assert mlflow.get_experiment(mine.info.experiment_id).name == "mine"
+        assert optuna.logging.get_verbosity() == optuna.logging.WARNING
+        assert logging.getLogger("optuna").handlers == optuna_handlers
 
 
 def _run_search_register_and_runs(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from expforge.errors import ConfigError, first_line
+from expforge.process import optuna_verbosity_kept
 from expforge.tracking.fluent import kept
 
 __all__ = ["StudyResult", "register", "run", "runs", "search"]
@@ -38,11 +39,11 @@ Call = TypeVar("Call", bound=Callable[..., Any])
 
 def _callers_mlflow_kept(function: Call) -> Call:
     """The caller's MLflow (its URIs, experiment and active runs) as it was after the call,
-    and out of the call's way (``tracking.fluent.kept``)."""
+    and out of the call's way (``tracking.fluent.kept``); its Optuna verbosity too."""
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
-        with kept():
+        with kept(), optuna_verbosity_kept():
             return function(*args, **kwargs)
 
     return call  # type: ignore[return-value]

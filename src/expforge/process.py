@@ -51,6 +51,7 @@ __all__ = [
     "interrupts_deferred",
     "library_logs_to_job_log",
     "name_process",
+    "optuna_verbosity_kept",
     "quiet_optuna",
     "start_up_done",
     "stop",
@@ -92,10 +93,24 @@ def quiet_optuna() -> None:
     handler off); outside a Hydra job (no file to send them to), only its errors."""
     import optuna
 
-    if logging.getLogger("optuna").handlers:
+    handlers = logging.getLogger("optuna").handlers
+    if any(isinstance(h, logging.FileHandler) for h in handlers):
         optuna.logging.disable_default_handler()
-    else:
+    else:  # Optuna's own console handler alone (its import adds it), or none
         optuna.logging.set_verbosity(optuna.logging.ERROR)
+
+
+@contextmanager
+def optuna_verbosity_kept() -> Iterator[None]:
+    """The caller's Optuna verbosity as it was after the block (``quiet_optuna`` lowers it
+    where a study opens outside a Hydra job: a notebook's)."""
+    loaded = sys.modules.get("optuna")
+    verbosity = loaded.logging.get_verbosity() if loaded is not None else logging.INFO
+    try:
+        yield
+    finally:
+        if "optuna" in sys.modules:  # INFO: Optuna's own, where it was not loaded yet
+            sys.modules["optuna"].logging.set_verbosity(verbosity)
 
 
 def guarded(action: Callable[[], T], label: str = "") -> T:
