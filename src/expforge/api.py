@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from expforge.errors import ConfigError, first_line
-from expforge.process import optuna_verbosity_kept
-from expforge.tracking.fluent import kept
 
 __all__ = ["StudyResult", "register", "run", "runs", "search"]
 
@@ -43,6 +41,9 @@ def _callers_mlflow_kept(function: Call) -> Call:
 
     @functools.wraps(function)
     def call(*args: Any, **kwargs: Any) -> Any:
+        from expforge.process import optuna_verbosity_kept
+        from expforge.tracking.fluent import kept  # not at import: run.py's start-up
+
         with kept(), optuna_verbosity_kept():
             return function(*args, **kwargs)
 
