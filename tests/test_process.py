@@ -152,8 +152,16 @@ def test_sigterm_is_ctrl_c_under_guarded() -> None:
     assert "interrupted: runs ended KILLED" in done.stderr
 
 
-def test_the_collector_is_left_alone_where_it_runs() -> None:
+def test_the_collector_is_left_alone_outside_run_pys_command() -> None:
+    """expforge as a library: on or off, as its caller (a notebook) set it. (``run.py``'s
+    command turns it back on: tests/search/test_study.py, two workers.)"""
     assert gc.isenabled()
     frozen = gc.get_freeze_count()
     start_up_done()
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+    gc.disable()
+    try:
+        start_up_done()
+        assert not gc.isenabled() and gc.get_freeze_count() == frozen
+    finally:
+        gc.enable()

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from expforge.errors import ConfigError, first_line
-from expforge.process import EXIT_ERROR, EXIT_GATE, guarded, library_logs_to_job_log
+from expforge.process import (
+    EXIT_ERROR,
+    EXIT_GATE,
+    command_started,
+    guarded,
+    library_logs_to_job_log,
+)
 
 if TYPE_CHECKING:  # --help and the pre-checks must not pay for pandas and scikit-learn
     from expforge.runner import RunContext
@@ -41,6 +47,7 @@ def run_job(cfg: Any) -> float | None:
     def action() -> float | None:
         from expforge.config import to_plain
 
+        command_started()  # run.py turned the collector off until the start-up is over
         library_logs_to_job_log()
         plain = to_plain(cfg)
         if plain.get("reproduce"):

@@ -42,6 +42,7 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "STOP_GRACE_S",
     "alive",
+    "command_started",
     "freeze_at_exit",
     "freeze_loaded",
     "guarded",
@@ -272,10 +273,20 @@ def start_up_done() -> None:
     growing heap again and again. What was loaded is frozen out of the collector's walks (a
     full collection during the trials would stall them), and the collector resumes. A study
     calls this before it loads its data, which it keeps for many trials; a single run at its
-    fit. Where the collector runs (expforge used as a library), nothing changes.
+    fit. Elsewhere (expforge used as a library, whose caller may have turned the collector
+    off itself) nothing changes.
     """
-    if not gc.isenabled():
+    if _COMMAND[0] and not gc.isenabled():
         freeze_loaded()
+
+
+_COMMAND = [False]  # this process runs a command of run.py (``command_started``)
+
+
+def command_started() -> None:
+    """This process is ``run.py``'s command, which turned the collector off as it started
+    (``start_up_done``); ``cli.run_job`` says so."""
+    _COMMAND[0] = True
 
 
 def freeze_loaded() -> None:
