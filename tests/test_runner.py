@@ -94,9 +94,21 @@ def test_rejected_hyperparameter_ends_the_run_failed(plain, store) -> None:
 
 
 def test_autolog_switch_logs_without_duplicate_params(plain, store) -> None:
+    """MLflow's autologging for the run only: the caller's own (a notebook's) is given back
+    as it was, and what was off stays off."""
+    import mlflow
+    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS, autologging_is_disabled
+
     cfg = plain("model=rf", "model.n_estimators=10", "tracking.autolog=true",
                 "tracking.log_plots=false")
-    result, _ = run_one(cfg)
+    mlflow.sklearn.autolog(log_models=False, silent=True)
+    try:
+        result, _ = run_one(cfg)
+        assert not autologging_is_disabled("sklearn")
+        assert AUTOLOGGING_INTEGRATIONS["sklearn"]["log_models"] is False
+        assert autologging_is_disabled("xgboost")
+    finally:
+        mlflow.sklearn.autolog(disable=True, silent=True)
     run = client(store["uri"]).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert "model.n_estimators" in run.data.params  # ours

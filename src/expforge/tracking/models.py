@@ -189,18 +189,24 @@ def autologged(uri: str, run_id: str, log_models: bool) -> Iterator[None]:
     """MLflow's own sklearn and xgboost autologging into the run ``run_id``, for the block
     only (``tracking.autolog=true``): it logs into the fluent API's active run."""
     import mlflow
+    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
 
     mlflow.set_tracking_uri(uri)
-    flavors = (mlflow.sklearn, mlflow.xgboost)
-    for flavor in flavors:
+    flavors = {"sklearn": mlflow.sklearn, "xgboost": mlflow.xgboost}
+    # The caller's own autologging (a notebook's), as MLflow keeps it, to give back after.
+    previous = {name: dict(AUTOLOGGING_INTEGRATIONS.get(name) or {}) for name in flavors}
+    for flavor in flavors.values():
         flavor.autolog(log_models=log_models, log_datasets=False, silent=True)
     mlflow.start_run(run_id=run_id)
     try:
         yield
     finally:
         mlflow.end_run()
-        for flavor in flavors:
-            flavor.autolog(disable=True, silent=True)
+        for name, flavor in flavors.items():
+            if previous[name] and not previous[name].get("disable", False):
+                flavor.autolog(**previous[name])
+            else:
+                flavor.autolog(disable=True, silent=True)
 
 
 def load_model(uri: str, model_uri: str) -> Any:
