@@ -294,9 +294,9 @@ def _summarise(record: RunRecord, history: Mapping[str, list[float]], done: int)
 
 def _boosts(model: Any) -> bool:
     """Whether the runner fits this model round by round (``runner._fit_reporting``)."""
-    estimator = model.steps[-1][1]
-    return type(estimator).__module__.startswith("xgboost") or (
-        hasattr(estimator, "warm_start") and hasattr(estimator, "max_iter"))
+    from expforge.runner import fits_by_rounds
+
+    return fits_by_rounds(model.steps[-1][1])
 
 
 class _Offset:

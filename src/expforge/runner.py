@@ -389,7 +389,7 @@ def _fit_reporting(model: Any, dataset: Dataset, reporter: Reporter) -> None:
             estimator.fit(X_train, y_train, eval_set=[(X_val, y_val)], verbose=False)
         finally:  # the callback holds the trial: it must not be pickled with the model
             estimator.set_params(callbacks=None)
-    elif hasattr(estimator, "warm_start") and hasattr(estimator, "max_iter"):
+    elif fits_by_rounds(estimator):  # scikit-learn's histogram gradient boosting
         total = int(estimator.max_iter)
         estimator.set_params(warm_start=True)
         try:
@@ -401,6 +401,17 @@ def _fit_reporting(model: Any, dataset: Dataset, reporter: Reporter) -> None:
             estimator.set_params(warm_start=False, max_iter=total)
     else:  # nothing to stop early; reporting the final value would only prune a done trial
         estimator.fit(X_train, y_train)
+
+
+def fits_by_rounds(estimator: Any) -> bool:
+    """Whether ``_fit_reporting`` fits ``estimator`` round by round, with a report after each
+    k rounds: XGBoost (a callback) and scikit-learn's histogram gradient boosting, whose
+    ``warm_start`` adds the next trees as one fit would. Not any estimator with
+    ``warm_start`` and ``max_iter``: LogisticRegression would restart its solver at each
+    stop, end elsewhere than a run's single fit, and warn that it did not converge."""
+    kind = type(estimator)
+    return kind.__module__.startswith("xgboost") or kind.__name__.startswith(
+        "HistGradientBoosting")
 
 
 def _val_objective(estimator: Any, dataset: Dataset, X_val: Any, reporter: Reporter,

@@ -529,3 +529,24 @@ def test_fixed_values_of_a_ported_sweeper_config_reach_every_trial(tmp_path: Pat
         assert run.data.params["model.name"] == "linear"
         assert run.data.params["data.split.val"] == "0.25"
         assert 0.1 <= float(run.data.params["model.regressor.alpha"]) <= 10.0
+
+
+def test_a_trial_of_a_linear_classifier_is_the_same_fit_as_a_run(plain, store,
+                                                                    tmp_path: Path) -> None:
+    """Only boosting is fitted round by round for pruning: a LogisticRegression trial is
+    the run's single fit (round by round, its solver restarted every k iterations, ended
+    elsewhere, twenty times slower, with convergence warnings)."""
+    import warnings
+
+    from expforge.runner import run_one
+
+    single, _ = run_one(plain("model=linear", "data=breast_cancer"), log_model=False,
+                        log_plots=False)
+    cfg = plain("search=optuna", "model=linear", "data=breast_cancer", "search.n_trials=1",
+                "search.plots=false", "search.log_models=none",
+                f"search.storage={tmp_path}/s.journal", "search.study_name=linear",
+                'search_space.model.classifier.C="choice(1.0)"')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning
+        found = run_search(cfg, RunContext(choices={"model": "linear"}))
+    assert found.best_value == pytest.approx(single.value, rel=1e-12)
