@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -99,6 +100,19 @@ def test_registry_errors(plain, store) -> None:
         register_best(_reg(cfg, metric="val_auc"), cfg["tracking"])
     with pytest.raises(RegistryError, match="no FINISHED candidate runs"):
         register_best(_reg(cfg, filter="params.model.name = 'xgb'"), cfg["tracking"])
+    with pytest.raises(RegistryError, match=r"^register.parent_run_id=nope is not a run"):
+        register_best(_reg(cfg, parent_run_id="nope"), cfg["tracking"])
+    # A value that is not true or false, or not a number, names its key (YAML's maybe, or a
+    # quoted "false", used to pass as true).
+    for reg, line in [
+        ({"must_beat_champion": "maybe"}, "register.must_beat_champion=maybe is invalid"),
+        ({"criteria": [{"metric": "val_rmse", "threshold": 60, "higher_is_better": "false"}]},
+         "register.criteria[0].higher_is_better=false is invalid; give true or false"),
+        ({"criteria": [{"metric": "val_rmse", "threshold": "abc"}]},
+         "register.criteria[0].threshold=abc is invalid; give a number"),
+    ]:
+        with pytest.raises(RegistryError, match=re.escape(line)):
+            register_best(_reg(cfg, **reg), cfg["tracking"])
 
 
 def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> None:

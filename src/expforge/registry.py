@@ -71,10 +71,16 @@ class RegisterSettings:
                     f"register.criteria[{i}]={c} is invalid; give {{metric: val_rmse, "
                     "threshold: 60, higher_is_better: false}"
                 )
-            higher = c.get("higher_is_better")
+            higher = _flag(c, "higher_is_better", f"register.criteria[{i}].higher_is_better")
             if higher is None:
                 higher = direction_of(str(c["metric"])) == "maximize"
-            criteria.append(Criterion(str(c["metric"]), float(c["threshold"]), bool(higher)))
+            try:
+                threshold = float(c["threshold"])
+            except (TypeError, ValueError):
+                raise RegistryError(
+                    f"register.criteria[{i}].threshold={c['threshold']} is invalid; give a "
+                    "number, e.g. threshold: 60") from None
+            criteria.append(Criterion(str(c["metric"]), threshold, higher))
         direction = reg.get("direction")
         if direction is not None:
             check_direction("register.direction", direction, RegistryError)
@@ -90,10 +96,19 @@ class RegisterSettings:
             top_n=top_n,
             select_by=reg.get("select_by"),
             criteria=tuple(criteria),
-            must_beat_champion=bool(reg.get("must_beat_champion", False)),
+            must_beat_champion=bool(_flag(reg, "must_beat_champion",
+                                          "register.must_beat_champion")),
             model_name=reg.get("model_name"),
             alias=str(reg.get("alias") or "champion"),
         )
+
+
+def _flag(values: Mapping[str, Any], key: str, shown: str) -> bool | None:
+    """A true/false setting (None where unset); any other value is an error naming it."""
+    value = values.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RegistryError(f"{shown}={value} is invalid; give true or false")
+    return value
 
 
 @dataclass
@@ -181,6 +196,11 @@ def _candidate_runs(client: Any, experiment_id: str,
                       f"({parents[0].info.run_name})")
         else:
             target = "every run of the experiment"
+    if parent and settings.parent_run_id and not queries.search_all(
+            client, experiment_id, f"attributes.run_id = '{parent}'"):
+        raise RegistryError(
+            f"register.parent_run_id={parent} is not a run of this experiment; "
+            "give a study's or sweep's parent run id (expforge.runs() lists them)")
     if parent:
         runs = queries.descendants(client, experiment_id, parent)
     else:
