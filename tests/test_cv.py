@@ -4,6 +4,7 @@ search, each fold's score reported to the pruner as the trial goes."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,19 @@ def test_each_strategy_draws_its_folds(plain, shops: Path) -> None:
                             "+cv.splitter.test_size=0.25"))
     assert len(folds) == 4 and all(len(v) == pytest.approx(len(folds.pool.y) / 4, abs=1)
                                    for _, v in folds.indices)
+    # A splitter that cannot be built, or is none, is one line naming the key.
+    from expforge.errors import ConfigError
+
+    for change, says in [
+        (["cv.splitter._target_=sklearn.model_selection.Nope"], "Nope cannot be built"),
+        (["+cv.splitter.bogus=3"], "KFold cannot be built (KFold.__init__() got an"),
+        (["cv.splitter.n_splits=1"], "KFold cannot be built (k-fold cross-validation"),
+        (["cv.splitter._target_=sklearn.preprocessing.StandardScaler",
+          "~cv.splitter.n_splits", "~cv.splitter.shuffle", "~cv.splitter.random_state"],
+         "StandardScaler is not a splitter"),
+    ]:
+        with pytest.raises(ConfigError, match=r"^cv\.splitter\._target_=\S*" + re.escape(says)):
+            _folds(plain("cv=splitter", *change))
 
 
 def test_boosting_reports_rounds_within_folds_and_each_folds_score(plain) -> None:

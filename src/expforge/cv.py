@@ -194,7 +194,19 @@ def _draw(settings: CVSettings, pool: Split, task: str, classes: tuple[str, ...]
         from hydra.utils import instantiate
 
         assert settings.splitter is not None
-        splitter = instantiate(dict(settings.splitter))
+        target = settings.splitter.get("_target_")
+        examples = ("sklearn.model_selection.ShuffleSplit, StratifiedShuffleSplit, "
+                    "LeaveOneGroupOut, PredefinedSplit")
+        try:
+            splitter = instantiate(dict(settings.splitter))
+        except Exception as exc:
+            raise ConfigError(
+                f"cv.splitter._target_={target} cannot be built "
+                f"({first_line(exc.__cause__ or exc)}); check its arguments "
+                f"(cv.splitter.<name>=...), or use e.g. {examples}") from None
+        if not callable(getattr(splitter, "split", None)):
+            raise ConfigError(f"cv.splitter._target_={target} is not a splitter (it has no "
+                              f"split method); use e.g. {examples}")
     try:
         drawn = list(splitter.split(pool.X, pool.y, groups))
     except (ValueError, TypeError) as exc:
