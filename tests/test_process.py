@@ -152,9 +152,13 @@ def test_sigterm_is_ctrl_c_under_guarded() -> None:
     assert "interrupted: runs ended KILLED" in done.stderr
 
 
-def test_the_collector_is_left_alone_outside_run_pys_command() -> None:
+def test_the_collector_is_left_alone_outside_run_pys_command(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """expforge as a library: on or off, as its caller (a notebook) set it. (``run.py``'s
     command turns it back on: tests/search/test_study.py, two workers.)"""
+    from expforge import process
+
+    monkeypatch.setattr(process, "_COMMAND", [False])  # an in-process run_job of a test
     assert gc.isenabled()
     frozen = gc.get_freeze_count()
     start_up_done()
