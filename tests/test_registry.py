@@ -110,6 +110,8 @@ def test_registry_errors(plain, store) -> None:
          "register.criteria[0].higher_is_better=false is invalid; give true or false"),
         ({"criteria": [{"metric": "val_rmse", "threshold": "abc"}]},
          "register.criteria[0].threshold=abc is invalid; give a number"),
+        ({"alias": "v3"}, "register.alias=v3 is reserved by MLflow"),
+        ({"alias": "bad alias"}, "register.alias=bad alias is invalid"),
     ]:
         with pytest.raises(RegistryError, match=re.escape(line)):
             register_best(_reg(cfg, **reg), cfg["tracking"])

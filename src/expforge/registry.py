@@ -10,6 +10,7 @@ step twice creates nothing new: the report says the winner already holds the ali
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +100,20 @@ class RegisterSettings:
             must_beat_champion=bool(_flag(reg, "must_beat_champion",
                                           "register.must_beat_champion")),
             model_name=reg.get("model_name"),
-            alias=str(reg.get("alias") or "champion"),
+            alias=_alias(str(reg.get("alias") or "champion")),
         )
+
+
+def _alias(alias: str) -> str:
+    """``register.alias`` as MLflow's registry takes it (its rules, checked before anything is
+    registered): letters, digits, ``_`` and ``-``; not ``latest`` nor a version (``v3``)."""
+    if not re.fullmatch(r"[\w\-]{1,255}", alias):
+        raise RegistryError(f"register.alias={alias} is invalid; give letters, digits, _ and "
+                            "- only, e.g. register.alias=champion")
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise RegistryError(f"register.alias={alias} is reserved by MLflow (latest and v<N> "
+                            "name versions); give another, e.g. register.alias=champion")
+    return alias
 
 
 def _flag(values: Mapping[str, Any], key: str, shown: str) -> bool | None:
