@@ -236,3 +236,8 @@ def test_register_cli_errors(tmp_path: Path) -> None:
     assert "error: register.metric=val_auc is not logged by the candidate runs" in done.stderr
     assert "Traceback" not in done.stderr
     assert not client(store[0].split("=", 1)[1]).search_registered_models()
+    # Re-evaluated candidates: expforge's lines, not MLflow's download bars.
+    done = run_cli(*store, "register.top_n=1", "register.select_by=test_rmse",
+                   script="register.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "re-evaluated" in done.stdout and "Downloading artifacts" not in done.stderr

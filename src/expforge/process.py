@@ -82,6 +82,8 @@ def library_logs_to_job_log() -> None:
     (``quiet_optuna``)."""
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+    # MLflow's bars for the artifacts it downloads (register.top_n loads each model again)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in LIBRARY_LOGGERS:
         logger = logging.getLogger(name)
         logger.handlers = list(files)
