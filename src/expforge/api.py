@@ -35,7 +35,7 @@ KEY_TAGS = ("expforge.role", "model", "data", "optuna.study_name", "optuna.trial
 Call = TypeVar("Call", bound=Callable[..., Any])
 
 
-def _callers_mlflow_kept(function: Call) -> Call:
+def _callers_state_kept(function: Call) -> Call:
     """The caller's MLflow (its URIs, experiment and active runs) as it was after the call,
     and out of the call's way (``tracking.fluent.kept``); its Optuna verbosity too."""
 
@@ -61,7 +61,7 @@ class StudyResult:
     study: Any  # optuna.Study
 
 
-@_callers_mlflow_kept
+@_callers_state_kept
 def run(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> Any:
     """One run of the composed config (``python run.py <overrides>``); its
     ``runner.RunResult``: run id, metrics, objective and value, model URI."""
@@ -75,7 +75,7 @@ def run(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> 
     return result
 
 
-@_callers_mlflow_kept
+@_callers_state_kept
 def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
            ) -> StudyResult:
     """The Optuna study of the composed config (``search=optuna`` unless another search is
@@ -101,7 +101,7 @@ def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
                        study)
 
 
-@_callers_mlflow_kept
+@_callers_state_kept
 def register(overrides: Sequence[str] = (), config_dir: str | Path | None = None) -> Any:
     """``python register.py <overrides>``: select, gate, register; the
     ``registry.Report`` (``passed`` is False when the gate blocked the promotion)."""
