@@ -61,12 +61,21 @@ def test_conditional_param_only_when_condition_holds() -> None:
 
 
 def test_task_condition() -> None:
-    params = parse_space({"model.learning_rate": {"type": "float", "low": 0.1, "high": 0.2,
-                                                  "when": {"task": ["binary", "multiclass"]}}},
-                         CONFIG)
+    space = {"model.learning_rate": {"type": "float", "low": 0.1, "high": 0.2,
+                                     "when": {"task": ["binary", "multiclass"]}}}
+    params = parse_space(space, CONFIG)
     trial = optuna.create_study().ask()
     assert suggest(trial, params, CONFIG, "regression") == {}
     assert "model.learning_rate" in suggest(trial, params, CONFIG, "binary")
+    # given the data's task, a key no trial of that task suggests is not part of the space
+    depth = {"model.max_depth": {"type": "int", "low": 2, "high": 4,
+                                 "when": {"task": "regression"}}}
+    assert [p.key for p in parse_space({**space, **depth}, CONFIG, "regression")] == [
+        "model.max_depth"]
+    assert len(parse_space({**space, **depth}, CONFIG, "binary")) == 1
+    with pytest.raises(SearchError, match=r"nothing to search for the regression task: the "
+                                          r"when\.task of model\.learning_rate excludes it"):
+        parse_space(space, CONFIG, "regression")
 
 
 @pytest.mark.parametrize(

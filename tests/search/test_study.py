@@ -450,7 +450,10 @@ def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Pat
     grid = plain("search=optuna", "model=rf", "search.n_trials=7", "search.study_name=grid",
                  f"search.storage={tmp_path}/s.journal", "search.plots=false",
                  "search.sampler._target_=optuna.samplers.GridSampler", "~search.sampler.seed")
-    grid["search_space"] = {"model.max_depth": "choice(2, 4)", "model.n_estimators": "range(5, 6)"}
+    # a continuous key that only classification searches is not part of a regression grid
+    grid["search_space"] = {"model.max_depth": "choice(2, 4)", "model.n_estimators": "range(5, 6)",
+                            "model.max_features": {"type": "float", "low": 0.3, "high": 1.0,
+                                                   "when": {"task": ["binary", "multiclass"]}}}
     run_search(grid)
     trials = load(tmp_path / "s.journal", "grid").trials
     seen = {(t.params["model.max_depth"], t.params["model.n_estimators"]) for t in trials}

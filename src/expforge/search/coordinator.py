@@ -75,7 +75,7 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
         if cv is not None:  # folds that cannot be drawn fail here, not in every trial
             folds_of(cv, dataset, int(plain["seed"]))
         settings = settings_of(plain, dataset.task)
-        params = parse_space(plain.get("search_space"), plain)
+        params = parse_space(plain.get("search_space"), plain, dataset.task)
         settings = _within_space(settings, params)
         check_enqueued(settings.enqueue, params)
         sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts

@@ -46,15 +46,19 @@ class Param:
     when: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> list[Param]:
-    """Check the whole space against the composed config before any trial runs."""
+def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any],
+                task: str | None = None) -> list[Param]:
+    """Check the whole space against the composed config before any trial runs. With the
+    data's ``task``, keys whose ``when`` excludes that task are left out: no trial would
+    suggest them, so they count neither in a grid nor in the size of the space."""
     if not space:
         raise SearchError(
             "search_space is empty; pick one (search_space=<model>) or add keys such as "
             "search_space.model.max_depth='int(interval(2, 12))'"
         )
     known = flatten(config)
-    params = []
+    params: list[Param] = []
+    skipped: list[str] = []
     fixed = fixed_values(space)
     for key, spec in _leaves(space).items():
         if key in fixed:
@@ -78,7 +82,15 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> l
             )
         else:
             dist = _grammar(where, spec)
-        params.append(Param(key, dist, when))
+        if task is None or "task" not in when or task in _listed(when["task"]):
+            params.append(Param(key, dist, when))
+        else:
+            skipped.append(key)
+    if not params and skipped:
+        raise SearchError(
+            f"search_space has nothing to search for the {task} task: the when.task of "
+            f"{', '.join(skipped)} excludes it; add a key for {task}, or pick the "
+            "search_space of the model")
     if not params:
         raise SearchError(
             f"search_space has nothing to search, only fixed values ({', '.join(fixed)}); add "
@@ -286,11 +298,15 @@ def lookup(config: Mapping[str, Any], key: str) -> Any:
     return node
 
 
+def _listed(wanted: Any) -> list[Any]:
+    """A ``when`` value: one value, or a list of them (any of them)."""
+    return list(wanted) if isinstance(wanted, (list, tuple)) else [wanted]
+
+
 def _holds(when: Mapping[str, Any], chosen: Mapping[str, Any], config: Mapping[str, Any],
            task: str) -> bool:
     for key, wanted in when.items():
         current = task if key == "task" else chosen.get(key, lookup(config, key))
-        allowed = wanted if isinstance(wanted, list) else [wanted]
-        if current not in allowed:
+        if current not in _listed(wanted):
             return False
     return True
