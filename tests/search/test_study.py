@@ -459,6 +459,11 @@ def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Pat
     seen = {(t.params["model.max_depth"], t.params["model.n_estimators"]) for t in trials}
     assert seen == {(2, 5), (2, 6), (4, 5), (4, 6)} and len(trials) == 4
     assert "search.n_trials=7 is more than the 4 configs of the grid" in capsys.readouterr().err
+    # run again, it says that the grid is covered: a larger budget would not go on
+    run_search(grid)
+    assert len(load(tmp_path / "s.journal", "grid").trials) == 4
+    assert ("stopped already: budget (all 4 configs of the grid done); no new trial: widen "
+            "search_space to go on") in capsys.readouterr().out
 
 
 def test_a_study_in_a_sweep_hangs_under_the_sweep_parent(plain, store, tmp_path: Path) -> None:

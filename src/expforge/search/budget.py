@@ -207,6 +207,8 @@ class StopRules:
         """The budget (from ``now``), the target, the patience, then the deadline."""
         settings = self.settings
         if now.done >= settings.n_trials:
+            if settings.grid_size is not None:
+                return Stop("budget", f"all {settings.grid_size} configs of the grid done")
             return Stop("budget", f"search.n_trials={settings.n_trials} trials done")
         if settings.target is not None or settings.patience is not None:
             found = self._target_or_patience()

@@ -100,12 +100,15 @@ def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettin
     """A finite space smaller than the budget: a grid stops when it is covered (it would
     start over), any other sampler is told that it will repeat configs."""
     size = space_size(params)
-    if size is None or settings.n_trials <= size:
+    if size is None or settings.n_trials < size:
         return settings
     if str(settings.sampler.get("_target_", "")).endswith("GridSampler"):
-        print(f"warning: search.n_trials={settings.n_trials} is more than the {size} configs "
-              f"of the grid; the study stops after {size} trials", file=sys.stderr)
-        return replace(settings, n_trials=size)
+        if settings.n_trials > size:
+            print(f"warning: search.n_trials={settings.n_trials} is more than the {size} "
+                  f"configs of the grid; the study stops after {size} trials", file=sys.stderr)
+        return replace(settings, n_trials=size, grid_size=size)
+    if settings.n_trials == size:
+        return settings
     print(f"warning: search.n_trials={settings.n_trials} is more than the {size} distinct "
           "configs of the search space, so trials will repeat configs; lower search.n_trials"
           " or widen the space", file=sys.stderr)

@@ -43,6 +43,7 @@ class SearchSettings:
     warm_start_storage: str | None = None
     allowed_targets: tuple[str, ...] = config_mod.ALLOWED_TARGETS
     folds: str = "cv=none"  # the trials' cross-validation, in words (``CVSettings.describe``)
+    grid_size: int | None = None  # GridSampler on a grid no larger than the budget: its size
 
     @property
     def multi_objective(self) -> bool:
