@@ -61,13 +61,15 @@ def _run_search_register_and_runs(tmp_path: Path) -> None:
     assert "mlflow.parentRunId" not in ours.data.tags  # not under the notebook's run
 
     study = expforge.search([*store, "model=rf", "model.n_estimators=5", "search.n_trials=3",
-                             "search.plots=false", f"search.storage={tmp_path}/s.journal"])
+                             "search.plots=false", f"search.storage={tmp_path}/s.journal",
+                             "register.enabled=true", "register.model_name=from-python"])
     assert len(study.study.trials) == 3 and study.best_value == study.study.best_value
+    assert study.registration.passed and study.registration.version == "1"
     assert set(study.best_params) == {"model.n_estimators", "model.max_depth",
                                       "model.min_samples_leaf", "model.max_features"}
 
     report = expforge.register([*store, "register.model_name=from-python"])
-    assert report.passed and report.version == "1"
+    assert report.passed and report.version == "1" and not report.created  # already champion
 
     table = expforge.runs(tracking_uri=store[0].split("=", 1)[1],
                           parent_run_id=study.parent_run_id)

@@ -125,6 +125,14 @@ def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> N
                    "search_space.model.n_estimators.high=100", *store)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "champion -> v1" in done.stdout  # (register.py itself: tests/test_errors.py)
+    # The same study again (no new trial) with a gate it fails: exit 2, as register.py's.
+    blocked = run_cli("search=optuna", "model=xgb", "search.n_trials=2", "register.enabled=true",
+                      f"search.storage={tmp_path}/s.journal", "model.n_estimators=20",
+                      "search_space.model.n_estimators.high=100", "search.plots=false",
+                      "register.criteria=[{metric: val_rmse, threshold: 1, "
+                      "higher_is_better: false}]", *store)
+    assert blocked.returncode == 2, blocked.stderr[-3000:]
+    assert "not promoted: the winner failed the gate; champion is unchanged" in blocked.stdout
     # The command closed its store: the -wal file is folded into mlflow.db and gone.
     assert sorted(p.name for p in tmp_path.glob("mlflow.db*")) == ["mlflow.db"]
     uri = "models:/expforge-model@champion"

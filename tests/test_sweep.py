@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import open_dict
@@ -19,7 +20,8 @@ from .conftest import CONF, ROOT, browser_page, client, compose, rendered_figure
 def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store, tmp_path: Path) -> None:
     common = [f"tracking.uri={store['uri']}", f"tracking.artifact_root={store['artifacts']}",
               "tracking.experiment=sweep-parent", "model=rf", "model.n_estimators=10",
-              f"paths.outputs={tmp_path}"]
+              f"paths.outputs={tmp_path}", "register.enabled=true",
+              "register.criteria=[{metric: val_rmse, threshold: 1, higher_is_better: false}]"]
     # What Hydra hands the callback: the config with its own section, and the sweep's
     # overrides as the command line gave them.
     with initialize_config_dir(str(CONF), version_base="1.3"):
@@ -32,11 +34,16 @@ def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store, tmp_path: Pat
     results = []
     for depth in (2, 8):
         cfg = to_plain(compose(*common, f"model.max_depth={depth}"))
-        results.append(run_one(cfg, parent_run_id=parent, log_model=False,
+        results.append(run_one(cfg, parent_run_id=parent, log_model=depth == 2,
                                log_plots=False)[0])
-    callback.on_multirun_end(config)
-    assert ENV_PARENT not in os.environ
+    # The sweep is recorded, then its winner is registered; the gate blocks it: exit 2, as
+    # register.py's.
+    with pytest.raises(SystemExit) as blocked:
+        callback.on_multirun_end(config)
+    assert blocked.value.code == 2
     c = client(store["uri"])
+    assert c.search_registered_models() == []  # nothing half-registered
+    assert ENV_PARENT not in os.environ
     run = c.get_run(parent)
     best = min(results, key=lambda r: r.value)
     assert run.info.status == "FINISHED" and run.data.tags["expforge.role"] == "sweep"

@@ -52,13 +52,15 @@ def _callers_state_kept(function: Call) -> Call:
 
 @dataclass(frozen=True)
 class StudyResult:
-    """What ``search`` returns: the parent run, the best value and params, the study."""
+    """What ``search`` returns: the parent run, the best value and params, the study, and
+    with ``register.enabled=true`` the registration's ``registry.Report``."""
 
     parent_run_id: str
     study_name: str
     best_value: float | None
     best_params: dict[str, Any]
     study: Any  # optuna.Study
+    registration: Any = None  # registry.Report; None unless register.enabled=true
 
 
 @_callers_state_kept
@@ -88,17 +90,18 @@ def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
         given.insert(0, "search=optuna")
     plain, context = _compose("config", given, config_dir)
     found = run_search(plain, context)
+    registration = None
     if (plain.get("register") or {}).get("enabled"):
         from expforge.registry import register_after
 
-        register_after(plain, found.parent_run_id)
+        registration = register_after(plain, found.parent_run_id)
     study = load_existing(found.storage, found.study_name)
     try:
         best_params = dict(study.best_trial.params)
     except ValueError:  # no COMPLETE trial, or several objectives
         best_params = {}
     return StudyResult(found.parent_run_id, found.study_name, found.best_value, best_params,
-                       study)
+                       study, registration)
 
 
 @_callers_state_kept

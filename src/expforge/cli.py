@@ -67,7 +67,8 @@ def run_job(cfg: Any) -> float | None:
             if (plain.get("register") or {}).get("enabled") and not sweep_parent:
                 from expforge.registry import register_after
 
-                register_after(plain, found.parent_run_id)
+                if not register_after(plain, found.parent_run_id).passed:
+                    sys.exit(EXIT_GATE)  # the study is recorded; only the promotion is not
             return found.best_value
         from expforge.runner import run_one
 

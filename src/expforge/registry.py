@@ -387,10 +387,13 @@ def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
                       if current is not None and str(current.version) != version else ""))
 
 
-def register_after(plain: Mapping[str, Any], parent_run_id: str) -> None:
-    """The post-step of a search or sweep when ``register.enabled=true``."""
+def register_after(plain: Mapping[str, Any], parent_run_id: str) -> Report:
+    """The post-step of a search or sweep when ``register.enabled=true``; its report
+    (``passed`` is False when the gate blocked the promotion)."""
     reg = {**plain["register"], "parent_run_id": parent_run_id}
-    print_report(register_best(reg, plain["tracking"], plain["paths"]["root"]))
+    report = register_best(reg, plain["tracking"], plain["paths"]["root"])
+    print_report(report)
+    return report
 
 
 def print_report(report: Report) -> None:

@@ -14,6 +14,7 @@ import atexit
 import math
 import os
 import signal
+import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -22,7 +23,7 @@ from hydra.experimental.callback import Callback
 
 from expforge.config import mask_overrides
 from expforge.metrics import ranking_key
-from expforge.process import guarded, quiet_optuna, terminate_as_interrupt
+from expforge.process import EXIT_GATE, guarded, quiet_optuna, terminate_as_interrupt
 from expforge.tracking import RunRecord, Store, TrackingSettings, open_store, queries, reader
 
 __all__ = ["ENV_PARENT", "SweepParent"]
@@ -110,8 +111,11 @@ class SweepParent(Callback):
         if register.get("enabled") and jobs and not aborted:
             from expforge.registry import register_after
 
-            register_after({"register": register, "tracking": _section(config, "tracking"),
-                            "paths": _section(config, "paths")}, parent_id)
+            registration = register_after({"register": register,
+                                           "tracking": _section(config, "tracking"),
+                                           "paths": _section(config, "paths")}, parent_id)
+            if not registration.passed:
+                sys.exit(EXIT_GATE)
 
 
 def _swept(config: Any, jobs: list[Any]) -> dict[str, list[str]]:
