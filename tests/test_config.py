@@ -45,6 +45,20 @@ def test_hydra_types_values_as_it_composes_and_the_error_reads_as_ours() -> None
         "tracking.log_model=perhaps is invalid; give true or false")
 
 
+@pytest.mark.parametrize("value", ["5", "{model.max_depth: 6}", "[5]", "[{model.max_depth: 6}, 3]"])
+def test_an_enqueue_that_is_not_a_list_of_configs_is_one_line(value: str) -> None:
+    """A number, a mapping, or an item that is not a mapping: OmegaConf names the list's item
+    (or no value at all); the line names the command line's key and value."""
+    from expforge.cli import check_overrides
+
+    from .conftest import ROOT
+
+    with pytest.raises(ConfigError) as caught:
+        check_overrides(["search=optuna", f"search.enqueue={value}"], ROOT, "config")
+    assert str(caught.value) == (f"search.enqueue={value} is invalid; give a list of {{dotted "
+                                 "key: value} configs, e.g. search.enqueue=[{model.max_depth: 6}]")
+
+
 def test_slug_and_masking() -> None:
     assert slug("my study / v2") == "my-study-v2" and slug("///") == "default"
     assert mask_uri("postgresql://bob:secret@db/x") == "postgresql://bob:***@db/x"

@@ -269,7 +269,7 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
     without the values, to name the misspelt key and its nearest) only when it is not."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import ValidationError
+    from omegaconf.errors import ConfigTypeError, ValidationError
 
     from expforge.config import schema_error
 
@@ -278,11 +278,15 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
         with initialize_config_dir(conf_dir, version_base="1.3"):
             cfg = compose(config_name, overrides=groups + given)
     except ConfigCompositionException as exc:
-        if isinstance(exc.__cause__, ValidationError) and \
+        if isinstance(exc.__cause__, (ValidationError, ConfigTypeError)) and \
                 "not in struct" not in str(exc.__cause__):
-            # A value the schema refuses (search.n_trials=many): one line, not Hydra's report.
-            key = str(getattr(exc.__cause__, "full_key", "") or "")
-            raise schema_error(key.split(".", 1)[0], exc) from None
+            # A value the schema refuses (search.n_trials=many, a mapping for a list): one
+            # line, not Hydra's report.
+            failed = next((line for line in given
+                           if str(exc) == f"Error merging override {line}"), None)
+            key = failed.split("=", 1)[0] if failed else str(
+                getattr(exc.__cause__, "full_key", "") or "")
+            raise schema_error(key.split(".", 1)[0], exc, failed) from None
         try:
             with initialize_config_dir(conf_dir, version_base="1.3"):
                 cfg = compose(config_name, overrides=groups)

@@ -236,7 +236,9 @@ class SearchSchema:
     top_k: int = field(default=10, metadata=_WHOLE)
     plots: bool = field(default=True, metadata={"fix": "give true or false"})
     target: float | None = field(default=None, metadata={"fix": "give a number or null"})
-    enqueue: list[dict[str, Any]] = field(default_factory=list)
+    enqueue: list[dict[str, Any]] = field(default_factory=list, metadata={
+        "fix": "give a list of {dotted key: value} configs, e.g. "
+               "search.enqueue=[{model.max_depth: 6}]"})
     warm_start: dict[str, Any] = field(
         default_factory=lambda: {"from": None, "top_k": 5, "storage": None})
     patience: int | None = field(
@@ -315,16 +317,21 @@ def checked(section: str, values: Mapping[str, Any]) -> dict[str, Any]:
     return {str(k): v for k, v in plain.items()}
 
 
-def schema_error(section: str, exc: Exception) -> ConfigError:
+def schema_error(section: str, exc: Exception, override: str | None = None) -> ConfigError:
     """Hydra's or OmegaConf's report of a value that does not fit the schema, in one line:
-    ``search.n_trials=many is invalid; give a whole number >= 1``."""
+    ``search.n_trials=many is invalid; give a whole number >= 1``. ``override`` is the
+    command line's ``key=value`` that Hydra could not merge, if known: it names the key and
+    the value where OmegaConf names only an item of the value (``0`` for
+    ``search.enqueue=[5]``) or no value."""
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     key = str(getattr(cause, "full_key", "") or getattr(exc, "full_key", "") or "")
+    value = getattr(cause, "value", None)
+    if override is not None and (value is None or not key.startswith(override.split("=")[0])):
+        key, _, value = override.partition("=")
     leaf = key.rsplit(".", 1)[-1]
     schema = SCHEMAS.get(section) or SCHEMAS.get(key.split(".", 1)[0])
     known = {f.name: f for f in fields(schema)} if schema else {}
     full = key if "." in key or not key else f"{section}.{key}"
-    value = getattr(cause, "value", None)
     if value is None:
         found = re.search(r"Value '([^']*)'", str(cause))
         value = found.group(1) if found else "?"
