@@ -15,9 +15,11 @@ from expforge.errors import ConfigError, DataError
 
 
 def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
-    """Called inside the notebook's own MLflow run, in another store and experiment: the
-    notebook's run stays open there, and its tracking URI, experiment and environment are
-    as they were after each call; so is Optuna's verbosity, and its console handler."""
+    """Called inside the notebook's own MLflow run, in another store and experiment, with
+    the notebook's autologging on: the notebook's run stays open there, and its tracking URI,
+    experiment and environment are as they were after each call; so is Optuna's verbosity,
+    and its console handler. Its autologging logs none of expforge's fits, and its own fits
+    after."""
     import logging
 
     import mlflow
@@ -31,12 +33,35 @@ def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mine.db")
         mlflow.set_experiment("mine")
+        from mlflow.utils import autologging_utils
+
+        # This test's own kept() turned autologging off, as for an API call; the notebook
+        # itself is in no call.
+        autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = False
+        # as in a fresh notebook: mlflow.autolog() leaves an integration configured before
+        # (by an earlier test of this process) alone
+        for integration in ("sklearn", "xgboost"):
+            autologging_utils.AUTOLOGGING_INTEGRATIONS.pop(integration, None)
+        mlflow.autolog(silent=True)
         with mlflow.start_run(run_name="the notebook's") as mine:
-            _run_search_register_and_runs(tmp_path)
+            try:
+                _run_search_register_and_runs(tmp_path)
+            except BaseException:
+                mlflow.autolog(disable=True, silent=True)
+                raise
             assert mlflow.active_run().info.run_id == mine.info.run_id
             assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/mine.db"
             assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/mine.db"
             mlflow.log_metric("after", 1.0)
+        try:
+            from sklearn.linear_model import Ridge
+
+            Ridge().fit([[0.0], [1.0], [2.0]], [0.0, 1.0, 2.0])  # the notebook's own fit
+        finally:
+            mlflow.autolog(disable=True, silent=True)
+        autologged = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert [r.data.tags["estimator_name"] for r in autologged
+                if "mlflow.autologging" in r.data.tags] == ["Ridge"]
         mine = mlflow.get_run(mine.info.run_id)
         assert mine.info.status == "FINISHED" and mine.data.metrics == {"after": 1.0}
         assert mlflow.get_experiment(mine.info.experiment_id).name == "mine"
@@ -79,6 +104,11 @@ def _run_search_register_and_runs(tmp_path: Path) -> None:
     everything = expforge.runs(tracking_uri=store[0].split("=", 1)[1],
                                filter="tags.`expforge.role` = 'trial'")
     assert len(everything) == 3
+    # the caller's autologging logged no run of its own beside expforge's
+    ours = mlflow.MlflowClient(store[0].split("=", 1)[1])
+    assert [r.info.run_id for r in ours.search_runs(
+        [e.experiment_id for e in ours.search_experiments()])
+        if "mlflow.autologging" in r.data.tags] == []
 
     assert os.getcwd() == cwd and gc.isenabled() == gc_on
     assert {s: signal.getsignal(s) for s in handlers} == handlers

@@ -114,6 +114,18 @@ def test_autolog_switch_logs_without_duplicate_params(plain, store) -> None:
     assert "model.n_estimators" in run.data.params  # ours
     assert any(k.startswith("training_") for k in run.data.metrics)  # autolog's
 
+    # the caller's mlflow.autolog(), which configures every integration, is given back too
+    # (as in a fresh notebook: mlflow.autolog() leaves an integration configured before alone)
+    AUTOLOGGING_INTEGRATIONS.pop("sklearn", None)
+    mlflow.autolog(log_models=False, silent=True)
+    try:
+        assert AUTOLOGGING_INTEGRATIONS["sklearn"]["globally_configured"] is True
+        run_one(cfg)
+        assert AUTOLOGGING_INTEGRATIONS["sklearn"]["globally_configured"] is True
+        assert not autologging_is_disabled("sklearn")
+    finally:
+        mlflow.autolog(disable=True, silent=True)
+
 
 def test_logged_models_predict_raw_rows_in_a_fresh_process(plain, store, taxi_files) -> None:
     regression, _ = run_one(plain("model=xgb", "model.n_estimators=10"),

@@ -189,12 +189,16 @@ def autologged(uri: str, run_id: str, log_models: bool) -> Iterator[None]:
     """MLflow's own sklearn and xgboost autologging into the run ``run_id``, for the block
     only (``tracking.autolog=true``): it logs into the fluent API's active run."""
     import mlflow
-    from mlflow.utils.autologging_utils import AUTOLOGGING_INTEGRATIONS
+    from mlflow.utils import autologging_utils
 
     mlflow.set_tracking_uri(uri)
     flavors = {"sklearn": mlflow.sklearn, "xgboost": mlflow.xgboost}
-    # The caller's own autologging (a notebook's), as MLflow keeps it, to give back after.
-    previous = {name: dict(AUTOLOGGING_INTEGRATIONS.get(name) or {}) for name in flavors}
+    # The caller's own autologging (a notebook's), as MLflow keeps it, to give back after;
+    # the API turns all autologging off for its calls (``fluent.kept``), on again here.
+    previous = {name: dict(autologging_utils.AUTOLOGGING_INTEGRATIONS.get(name) or {})
+                for name in flavors}
+    globally_off = autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED
+    autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = False
     for flavor in flavors.values():
         flavor.autolog(log_models=log_models, log_datasets=False, silent=True)
     mlflow.start_run(run_id=run_id)
@@ -202,9 +206,14 @@ def autologged(uri: str, run_id: str, log_models: bool) -> Iterator[None]:
         yield
     finally:
         mlflow.end_run()
+        autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = globally_off
+        by_all = autologging_utils.AUTOLOGGING_CONF_KEY_IS_GLOBALLY_CONFIGURED
         for name, flavor in flavors.items():
             if previous[name] and not previous[name].get("disable", False):
-                flavor.autolog(**previous[name])
+                # mlflow.autolog() marks what it configured; the mark is no autolog argument
+                flavor.autolog(**{k: v for k, v in previous[name].items() if k != by_all})
+                if previous[name].get(by_all):
+                    autologging_utils.AUTOLOGGING_INTEGRATIONS[name][by_all] = True
             else:
                 flavor.autolog(disable=True, silent=True)
 
