@@ -57,6 +57,9 @@ CASES = {
     "unknown-option": (["model=xgbb"], "error: model=xgbb is not an option of the model "
                                        "group (no conf/model/xgbb.yaml); choose one of: hgb, "
                                        "linear, rf, xgb"),
+    "unknown-option-of-a-group-with-a-schema": (
+        ["cv=nope"], "error: cv=nope is not an option of the cv group (no conf/cv/nope.yaml); "
+                     "choose one of: group, kfold, none, repeated, splitter, time\n"),
     "misspelt-key": (["model.max_dept=3"],
                      "error: model.max_dept=3 names model.max_dept, which is not a config key; "
                      "did you mean model.max_depth?"),

@@ -189,14 +189,17 @@ def _check_writable(given: dict[str, Any], root: Path) -> None:
             "tracking.uri)")
 
 
-def _group_options(conf: Path) -> dict[str, set[str]]:
-    """Each config group (a folder under ``conf/``, or a registered schema) and its options."""
+def _group_options(conf: Path, schemas: bool = True) -> dict[str, set[str]]:
+    """Each config group (a folder under ``conf/``) and its options: its files, and the
+    schemas registered in it (which Hydra's --help lists too) unless ``schemas=False``."""
     from hydra.core.config_store import ConfigStore
 
     options: dict[str, set[str]] = {}
     for folder in (p for p in conf.iterdir() if p.is_dir()):
         options[folder.name] = {f.stem for f in folder.iterdir()
                                 if f.suffix in (".yaml", ".yml")}
+    if not schemas:
+        return options
     for group, entries in ConfigStore.instance().repo.items():  # the schemas
         if isinstance(entries, dict) and group in options:
             options[group] |= {name.rsplit(".", 1)[0] for name in entries}
@@ -208,6 +211,7 @@ def _check_groups(overrides: list[Any], conf: Path, config_name: str) -> None:
     optional, would otherwise be skipped without a word) and a config file that is not
     valid YAML (a traceback from deep inside Hydra), each in one line."""
     options = _group_options(conf)
+    offered = _group_options(conf, schemas=False)  # what the error lists: the files
     chosen = _default_choices(conf / f"{config_name}.yaml")
     for o in overrides:
         group = o.key_or_group
@@ -220,7 +224,7 @@ def _check_groups(overrides: list[Any], conf: Path, config_name: str) -> None:
         chosen[group] = [str(v) for v in values]
         for v in chosen[group]:
             if v not in options[group] and v != "null":
-                listed = ", ".join(sorted(options[group]))
+                listed = ", ".join(sorted(offered.get(group) or options[group]))
                 raise ConfigError(f"{group}={v} is not an option of the {group} group (no "
                                   f"{conf.name}/{group}/{v}.yaml); choose one of: {listed}")
     files = [conf / f"{config_name}.yaml"] + [
