@@ -5,7 +5,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from expforge.errors import SearchError
-from expforge.search.space import apply_params, parse_space, suggest
+from expforge.search.space import apply_params, for_task, parse_space, suggest
 
 CONFIG = {"seed": 1, "model": {"name": "xgb", "max_depth": 6, "learning_rate": 0.1,
                                "booster": "gbtree", "rate_drop": 0.0, "n_estimators": 100}}
@@ -67,15 +67,15 @@ def test_task_condition() -> None:
     trial = optuna.create_study().ask()
     assert suggest(trial, params, CONFIG, "regression") == {}
     assert "model.learning_rate" in suggest(trial, params, CONFIG, "binary")
-    # given the data's task, a key no trial of that task suggests is not part of the space
+    # the params a trial of the data's task may suggest (a grid counts only these)
     depth = {"model.max_depth": {"type": "int", "low": 2, "high": 4,
                                  "when": {"task": "regression"}}}
-    assert [p.key for p in parse_space({**space, **depth}, CONFIG, "regression")] == [
-        "model.max_depth"]
-    assert len(parse_space({**space, **depth}, CONFIG, "binary")) == 1
+    both = parse_space({**space, **depth}, CONFIG)
+    assert [p.key for p in for_task(both, "regression")] == ["model.max_depth"]
+    assert [p.key for p in for_task(both, "binary")] == ["model.learning_rate"]
     with pytest.raises(SearchError, match=r"nothing to search for the regression task: the "
                                           r"when\.task of model\.learning_rate excludes it"):
-        parse_space(space, CONFIG, "regression")
+        for_task(params, "regression")
 
 
 @pytest.mark.parametrize(

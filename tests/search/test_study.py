@@ -446,10 +446,12 @@ def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Pat
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
     assert all(len(t.values) == 2 for t in study.trials)
 
-    # a budget larger than the grid: the study stops once the grid is covered, and says so
+    # A budget larger than the grid and a config tried first (which is no point of the
+    # grid): the study stops once the grid is covered, and says so.
     grid = plain("search=optuna", "model=rf", "search.n_trials=7", "search.study_name=grid",
                  f"search.storage={tmp_path}/s.journal", "search.plots=false",
-                 "search.sampler._target_=optuna.samplers.GridSampler", "~search.sampler.seed")
+                 "search.sampler._target_=optuna.samplers.GridSampler", "~search.sampler.seed",
+                 "search.enqueue=[{model.max_depth: 2, model.n_estimators: 5}]")
     # a continuous key that only classification searches is not part of a regression grid
     grid["search_space"] = {"model.max_depth": "choice(2, 4)", "model.n_estimators": "range(5, 6)",
                             "model.max_features": {"type": "float", "low": 0.3, "high": 1.0,
@@ -457,13 +459,30 @@ def test_multi_objective_with_nsga2_and_grid_sampler(plain, store, tmp_path: Pat
     run_search(grid)
     trials = load(tmp_path / "s.journal", "grid").trials
     seen = {(t.params["model.max_depth"], t.params["model.n_estimators"]) for t in trials}
-    assert seen == {(2, 5), (2, 6), (4, 5), (4, 6)} and len(trials) == 4
-    assert "search.n_trials=7 is more than the 4 configs of the grid" in capsys.readouterr().err
+    assert seen == {(2, 5), (2, 6), (4, 5), (4, 6)} and len(trials) == 5
+    out, err = capsys.readouterr()
+    assert ("search.n_trials=7 is more than the 4 configs of the grid and the 1 tried first; "
+            "the study stops once the grid is covered") in err
+    assert "stopped: grid (all 4 configs of the grid tried)" in out
     # run again, it says that the grid is covered: a larger budget would not go on
     run_search(grid)
-    assert len(load(tmp_path / "s.journal", "grid").trials) == 4
-    assert ("stopped already: budget (all 4 configs of the grid done); no new trial: widen "
-            "search_space to go on") in capsys.readouterr().out
+    assert len(load(tmp_path / "s.journal", "grid").trials) == 5
+    assert ("stopped already: grid (all 4 configs of the grid tried); no new trial: for more "
+            "configs, start a new study (search.study_name=<new name>) with a wider "
+            "search_space") in capsys.readouterr().out
+
+    # a failed point of the grid is tried (GridSampler does not try it again): the study
+    # stops once every point has finished, not after as many COMPLETE trials
+    failing = plain("search=optuna", "model=rf", "search.n_trials=5", "search.plots=false",
+                    "search.study_name=grid-failing", f"search.storage={tmp_path}/s.journal",
+                    "search.sampler._target_=optuna.samplers.GridSampler", "~search.sampler.seed",
+                    "model.n_estimators=5")
+    failing["search_space"] = {"model.max_depth": "choice(2, -1)"}
+    run_search(failing)
+    trials = load(tmp_path / "s.journal", "grid-failing").trials
+    assert sorted(t.state.name for t in trials) == ["COMPLETE", "FAIL"]
+    assert "stopped: grid (all 2 configs of the grid tried, 1 of them failed)" in (
+        capsys.readouterr().out)
 
 
 def test_a_study_in_a_sweep_hangs_under_the_sweep_parent(plain, store, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ class TooManyFailures(SearchError):
 class Stop:
     """Why a study stopped (``stop_reason`` on its parent run) and the line that says so."""
 
-    reason: str  # budget, target, patience, timeout (failures, interrupted: see coordinator)
+    reason: str  # budget, grid, target, patience, timeout (failures, interrupted: coordinator)
     detail: str
 
 
@@ -206,9 +206,11 @@ class StopRules:
     def check(self, now: Counts, deadline: float) -> Stop | None:
         """The budget (from ``now``), the target, the patience, then the deadline."""
         settings = self.settings
+        size = settings.grid_size
+        if size is not None and now.done + now.failed >= size and self._grid_covered():
+            failed = f", {now.failed} of them failed" if now.failed else ""
+            return Stop("grid", f"all {size} configs of the grid tried{failed}")
         if now.done >= settings.n_trials:
-            if settings.grid_size is not None:
-                return Stop("budget", f"all {settings.grid_size} configs of the grid done")
             return Stop("budget", f"search.n_trials={settings.n_trials} trials done")
         if settings.target is not None or settings.patience is not None:
             found = self._target_or_patience()
@@ -217,6 +219,14 @@ class StopRules:
         if time.time() >= deadline:
             return Stop("timeout", f"search.timeout={settings.timeout:g} s passed")
         return None
+
+    def _grid_covered(self) -> bool:
+        """GridSampler's own answer: a trial for every point of its grid has finished
+        (failed ones too; the configs tried first are no points of it). Asked only once
+        the trials finished are as many as the points, so its read of every trial is paid
+        at the end of a grid alone."""
+        study = self.tally.study
+        return bool(study.sampler.is_exhausted(study))
 
     def _target_or_patience(self) -> Stop | None:
         settings = self.settings

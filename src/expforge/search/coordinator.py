@@ -36,7 +36,7 @@ from expforge.search.parent import Drawn, draw_report, finish, open_parent_run
 from expforge.search.recovery import reap_orphans
 from expforge.search.report import Progress
 from expforge.search.settings import SearchSettings, settings_of
-from expforge.search.space import Param, parse_space, space_size
+from expforge.search.space import Param, for_task, grid_of, parse_space, space_size
 from expforge.search.study import open_study, pruner, sampler
 from expforge.search.warm import check_enqueued, enqueue_first, warm_start_configs
 from expforge.search.workers import Worker, start_workers, stop_workers, watch
@@ -75,8 +75,8 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
         if cv is not None:  # folds that cannot be drawn fail here, not in every trial
             folds_of(cv, dataset, int(plain["seed"]))
         settings = settings_of(plain, dataset.task)
-        params = parse_space(plain.get("search_space"), plain, dataset.task)
-        settings = _within_space(settings, params)
+        params = parse_space(plain.get("search_space"), plain)
+        settings = _within_space(settings, for_task(params, dataset.task))
         check_enqueued(settings.enqueue, params)
         sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
         pruner(settings)
@@ -97,17 +97,25 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
 
 
 def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettings:
-    """A finite space smaller than the budget: a grid stops when it is covered (it would
-    start over), any other sampler is told that it will repeat configs."""
-    size = space_size(params)
-    if size is None or settings.n_trials < size:
+    """A finite space. GridSampler gets the grid of ``params`` (those the data's task
+    suggests) and a budget of at most the grid and the configs tried first (which the grid
+    does not count); the study stops once the grid is covered (``budget.StopRules``). Any
+    other sampler on a space smaller than the budget is told that it will repeat configs."""
+    spec = settings.sampler
+    if str(spec.get("_target_", "")).endswith("GridSampler") and "search_space" not in spec:
+        settings = replace(settings, grid=grid_of(params))
+        points = settings.grid_size or 0
+        first = len(settings.enqueue) + (settings.warm_start_top_k
+                                         if settings.warm_start_from else 0)
+        if settings.n_trials > points + first:
+            also = f" and the {first} tried first" if first else ""
+            print(f"warning: search.n_trials={settings.n_trials} is more than the {points} "
+                  f"configs of the grid{also}; the study stops once the grid is covered",
+                  file=sys.stderr)
+            settings = replace(settings, n_trials=points + first)
         return settings
-    if str(settings.sampler.get("_target_", "")).endswith("GridSampler"):
-        if settings.n_trials > size:
-            print(f"warning: search.n_trials={settings.n_trials} is more than the {size} "
-                  f"configs of the grid; the study stops after {size} trials", file=sys.stderr)
-        return replace(settings, n_trials=size, grid_size=size)
-    if settings.n_trials == size:
+    size = space_size(params)
+    if size is None or settings.n_trials <= size:
         return settings
     print(f"warning: search.n_trials={settings.n_trials} is more than the {size} distinct "
           "configs of the search space, so trials will repeat configs; lower search.n_trials"

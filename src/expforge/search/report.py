@@ -67,9 +67,10 @@ def print_report(settings: SearchSettings, done: Counts, table: Any, parent_id: 
         f"{done.failed} failed of {settings.n_trials}; parent run {parent_id}",
         soft_wrap=True,  # a run id cut in two cannot be copied
     )
-    if stop is not None and already and stop.reason == "budget" and settings.grid_size:
-        console.print(f"stopped already: {stop.reason} ({stop.detail}); no new trial: widen "
-                      "search_space to go on", soft_wrap=True)
+    if stop is not None and already and stop.reason == "grid":
+        console.print(f"stopped already: {stop.reason} ({stop.detail}); no new trial: for "
+                      "more configs, start a new study (search.study_name=<new name>) with a "
+                      "wider search_space", soft_wrap=True)
     elif stop is not None and already and stop.reason in ("target", "patience", "budget"):
         console.print(f"stopped already: {stop.reason} ({stop.detail}); no new trial: raise "
                       "search.n_trials, or change search.target or search.patience, to go on",

@@ -3,6 +3,7 @@ derived defaults (objectives, study name, storage)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +44,16 @@ class SearchSettings:
     warm_start_storage: str | None = None
     allowed_targets: tuple[str, ...] = config_mod.ALLOWED_TARGETS
     folds: str = "cv=none"  # the trials' cross-validation, in words (``CVSettings.describe``)
-    grid_size: int | None = None  # GridSampler on a grid no larger than the budget: its size
+    # GridSampler's grid (of the params the data's task suggests), when it builds its own
+    grid: dict[str, list[Any]] | None = None
 
     @property
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
+
+    @property
+    def grid_size(self) -> int | None:
+        return None if self.grid is None else math.prod(len(v) for v in self.grid.values())
 
     @property
     def objective(self) -> Objective:

@@ -30,8 +30,8 @@ from typing import Any
 from expforge.config import closest_keys, flatten
 from expforge.errors import SearchError, first_line
 
-__all__ = ["MISSING", "Param", "apply_params", "fixed_values", "lookup", "parse_space",
-           "space_size", "suggest"]
+__all__ = ["MISSING", "Param", "apply_params", "fixed_values", "for_task", "grid_of", "lookup",
+           "parse_space", "space_size", "suggest"]
 
 _TYPES = ("int", "float", "categorical")
 MISSING = object()
@@ -46,19 +46,15 @@ class Param:
     when: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any],
-                task: str | None = None) -> list[Param]:
-    """Check the whole space against the composed config before any trial runs. With the
-    data's ``task``, keys whose ``when`` excludes that task are left out: no trial would
-    suggest them, so they count neither in a grid nor in the size of the space."""
+def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any]) -> list[Param]:
+    """Check the whole space against the composed config before any trial runs."""
     if not space:
         raise SearchError(
             "search_space is empty; pick one (search_space=<model>) or add keys such as "
             "search_space.model.max_depth='int(interval(2, 12))'"
         )
     known = flatten(config)
-    params: list[Param] = []
-    skipped: list[str] = []
+    params = []
     fixed = fixed_values(space)
     for key, spec in _leaves(space).items():
         if key in fixed:
@@ -82,20 +78,25 @@ def parse_space(space: Mapping[str, Any] | None, config: Mapping[str, Any],
             )
         else:
             dist = _grammar(where, spec)
-        if task is None or "task" not in when or task in _listed(when["task"]):
-            params.append(Param(key, dist, when))
-        else:
-            skipped.append(key)
-    if not params and skipped:
-        raise SearchError(
-            f"search_space has nothing to search for the {task} task: the when.task of "
-            f"{', '.join(skipped)} excludes it; add a key for {task}, or pick the "
-            "search_space of the model")
+        params.append(Param(key, dist, when))
     if not params:
         raise SearchError(
             f"search_space has nothing to search, only fixed values ({', '.join(fixed)}); add "
             "a distribution, e.g. search_space.model.max_depth='int(interval(2, 12))'")
     return params
+
+
+def for_task(params: list[Param], task: str) -> list[Param]:
+    """The params that a trial on data of ``task`` may suggest: those whose ``when.task``
+    does not exclude it. A grid and the size of the space count only these; the study's
+    recorded space and the enqueue check keep them all, as suggesting skips the others."""
+    kept = [p for p in params if "task" not in p.when or task in _listed(p.when["task"])]
+    if not kept:
+        raise SearchError(
+            f"search_space has nothing to search for the {task} task: the when.task of "
+            f"{', '.join(p.key for p in params)} excludes it; add a key for {task}, or pick "
+            "the search_space of the model")
+    return kept
 
 
 def fixed_values(space: Mapping[str, Any] | None) -> dict[str, Any]:

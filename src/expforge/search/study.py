@@ -246,7 +246,7 @@ def sampler(settings: SearchSettings, params: list[Param], index: int, offset: i
     if "seed" in spec and spec["seed"] is not None:
         spec["seed"] = int(spec["seed"]) + index + 1009 * offset
     if str(spec.get("_target_", "")).endswith("GridSampler") and "search_space" not in spec:
-        extra["search_space"] = grid_of(params)
+        extra["search_space"] = settings.grid if settings.grid is not None else grid_of(params)
     return _instantiate("search.sampler", spec, settings.allowed_targets, **extra)
 
 
