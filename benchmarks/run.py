@@ -29,6 +29,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 HERE = Path(__file__).resolve().parent
+# Where the contenders run: the run's scratch folder (``main``). A hand-written MLflow loop
+# puts its artifacts in ./mlruns, as MLflow does, which must not land in the project.
+SCRATCH = [ROOT]
 
 
 @dataclass
@@ -105,7 +108,7 @@ def _tree_pss_kb(pid: int) -> int:
     return total
 
 
-def run(cmd: list[str], cwd: Path = ROOT, sample_memory: bool = False,
+def run(cmd: list[str], cwd: Path | None = None, sample_memory: bool = False,
         sample_cpu: bool = False) -> Measure:
     """``cmd`` to its end; its wall time, the CPU time of its process tree (every process it
     started waits for its own) and, sampled, its peak memory and its processes' CPU by role."""
@@ -114,7 +117,7 @@ def run(cmd: list[str], cwd: Path = ROOT, sample_memory: bool = False,
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=cwd or SCRATCH[0], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     peak = [0]
     seen: dict[int, tuple[str, float]] = {}  # each process's last name and CPU seconds
@@ -631,6 +634,7 @@ def main() -> None:
     tables = []
     with tempfile.TemporaryDirectory(prefix="expforge-bench-") as tmp:
         store = Path(tmp)
+        SCRATCH[0] = store
         print(f"machine: {machine()}", flush=True)
         if "overhead" in sections:
             tables.append(Table("Overhead of tracking (diabetes, rf n_jobs=1, TPE seeded)"))

@@ -32,6 +32,7 @@ def test_run_search_register_and_runs_from_python(tmp_path: Path) -> None:
     with kept(), optuna_verbosity_kept():  # this test's own settings go at its end
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mine.db")
+        mlflow.create_experiment("mine", artifact_location=(tmp_path / "mine").as_uri())
         mlflow.set_experiment("mine")
         from mlflow.utils import autologging_utils
 
