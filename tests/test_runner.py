@@ -107,6 +107,11 @@ def test_autolog_switch_logs_without_duplicate_params(plain, store) -> None:
         assert not autologging_is_disabled("sklearn")
         assert AUTOLOGGING_INTEGRATIONS["sklearn"]["log_models"] is False
         assert autologging_is_disabled("xgboost")
+        # a fit that fails inside the autologged block gives everything back as well
+        with pytest.raises(ModelError, match=r"model\.max_depth=-1 is rejected"):
+            run_one({**cfg, "model": {**cfg["model"], "max_depth": -1}})
+        assert not autologging_is_disabled("sklearn") and mlflow.active_run() is None
+        assert AUTOLOGGING_INTEGRATIONS["sklearn"]["log_models"] is False
     finally:
         mlflow.sklearn.autolog(disable=True, silent=True)
     run = client(store["uri"]).get_run(result.run_id)
@@ -122,6 +127,7 @@ def test_autolog_switch_logs_without_duplicate_params(plain, store) -> None:
         assert AUTOLOGGING_INTEGRATIONS["sklearn"]["globally_configured"] is True
         run_one(cfg)
         assert AUTOLOGGING_INTEGRATIONS["sklearn"]["globally_configured"] is True
+        assert AUTOLOGGING_INTEGRATIONS["sklearn"]["log_models"] is False
         assert not autologging_is_disabled("sklearn")
     finally:
         mlflow.autolog(disable=True, silent=True)

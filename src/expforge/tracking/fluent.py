@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
-__all__ = ["kept"]
+__all__ = ["autologging_switched", "kept"]
 
 _ENVIRONMENT = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID",
                 "MLFLOW_EXPERIMENT_NAME")
@@ -31,29 +31,39 @@ def kept() -> Iterator[None]:
     the autologging are as they were."""
     environment = {name: os.environ.get(name) for name in _ENVIRONMENT}
     before = _fluent_state() if "mlflow" in sys.modules else None
-    autologging = None
     if before is not None:
         _set_fluent_state(None, None, None, [])
-        from mlflow.utils import autologging_utils
-
-        # MLflow's own switch for every integration, also those that a later import (of
-        # xgboost, say) would turn on; its context manager does not give back a prior True.
-        autologging = autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED
-        autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = True
     try:
-        yield
+        # Without MLflow loaded, the caller cannot have turned its autologging on.
+        with autologging_switched(False) if before is not None else nullcontext():
+            yield
     finally:
         if "mlflow" in sys.modules:
             _set_fluent_state(*(before or (None, None, None, [])))
-        if autologging is not None:
-            from mlflow.utils import autologging_utils
-
-            autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = autologging
         for name, value in environment.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def autologging_switched(on: bool) -> Iterator[None]:
+    """MLflow's autologging of every integration on or off for the block, as it was after.
+
+    The switch is MLflow's private global (its own ``disable_autologging`` context does
+    not give back an earlier off). It also covers the integrations that an import during
+    the block turns on (``mlflow.autolog()`` hooks the import of xgboost, say), which
+    turning each integration off would miss. It is the process's: other threads of the
+    caller log nothing either for the block."""
+    from mlflow.utils import autologging_utils
+
+    before = autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED
+    autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = not on
+    try:
+        yield
+    finally:
+        autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = before
 
 
 def _fluent_state() -> tuple[Any, Any, Any, list[Any]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from importlib import metadata
 from typing import Any
 
@@ -187,35 +187,40 @@ def _versions_of_run(client: Any, name: str, run_id: str) -> list[int]:
 @contextmanager
 def autologged(uri: str, run_id: str, log_models: bool) -> Iterator[None]:
     """MLflow's own sklearn and xgboost autologging into the run ``run_id``, for the block
-    only (``tracking.autolog=true``): it logs into the fluent API's active run."""
+    only (``tracking.autolog=true``): it logs into the fluent API's active run. The API turns
+    all autologging off for its calls (``fluent.kept``); it is on here."""
     import mlflow
     from mlflow.utils import autologging_utils
 
+    from expforge.tracking.fluent import autologging_switched
+
     mlflow.set_tracking_uri(uri)
     flavors = {"sklearn": mlflow.sklearn, "xgboost": mlflow.xgboost}
-    # The caller's own autologging (a notebook's), as MLflow keeps it, to give back after;
-    # the API turns all autologging off for its calls (``fluent.kept``), on again here.
+    # The caller's own autologging (a notebook's), as MLflow keeps it, to give back after.
     previous = {name: dict(autologging_utils.AUTOLOGGING_INTEGRATIONS.get(name) or {})
                 for name in flavors}
-    globally_off = autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED
-    autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = False
-    for flavor in flavors.values():
-        flavor.autolog(log_models=log_models, log_datasets=False, silent=True)
-    mlflow.start_run(run_id=run_id)
-    try:
+    with ExitStack() as undo:  # whatever of the set-up was done is undone, also on an error
+        undo.enter_context(autologging_switched(True))
+        undo.callback(_autologging_given_back, flavors, previous)
+        for flavor in flavors.values():
+            flavor.autolog(log_models=log_models, log_datasets=False, silent=True)
+        mlflow.start_run(run_id=run_id)
+        undo.callback(mlflow.end_run)
         yield
-    finally:
-        mlflow.end_run()
-        autologging_utils._AUTOLOGGING_GLOBALLY_DISABLED = globally_off
-        by_all = autologging_utils.AUTOLOGGING_CONF_KEY_IS_GLOBALLY_CONFIGURED
-        for name, flavor in flavors.items():
-            if previous[name] and not previous[name].get("disable", False):
-                # mlflow.autolog() marks what it configured; the mark is no autolog argument
-                flavor.autolog(**{k: v for k, v in previous[name].items() if k != by_all})
-                if previous[name].get(by_all):
-                    autologging_utils.AUTOLOGGING_INTEGRATIONS[name][by_all] = True
-            else:
-                flavor.autolog(disable=True, silent=True)
+
+
+def _autologging_given_back(flavors: Mapping[str, Any], previous: Mapping[str, dict]) -> None:
+    from mlflow.utils import autologging_utils
+
+    by_all = autologging_utils.AUTOLOGGING_CONF_KEY_IS_GLOBALLY_CONFIGURED
+    for name, flavor in flavors.items():
+        if previous[name] and not previous[name].get("disable", False):
+            # mlflow.autolog() marks what it configured; the mark is no autolog argument
+            flavor.autolog(**{k: v for k, v in previous[name].items() if k != by_all})
+            if previous[name].get(by_all):
+                autologging_utils.AUTOLOGGING_INTEGRATIONS[name][by_all] = True
+        else:
+            flavor.autolog(disable=True, silent=True)
 
 
 def load_model(uri: str, model_uri: str) -> Any:
