@@ -31,9 +31,10 @@ if __name__ == "__main__":
     import sys
 
     from expforge.cli import app_help, precheck
-    from expforge.process import freeze_at_exit
+    from expforge.process import exit_status, freeze_at_exit
 
     if not app_help(sys.argv[1:], ROOT, "config", "run"):
         freeze_at_exit()
         precheck(sys.argv[1:], ROOT, "config")
         main()
+        sys.exit(exit_status())

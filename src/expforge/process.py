@@ -17,8 +17,9 @@ the collector runs (expforge used as a library) nothing here changes it.
 store's tables created) repeat what expforge prints: in a Hydra job they go to the job's log
 file (``library_logs_to_job_log``), not to the console.
 
-**Exit codes.** 0 done; 1 an ``ExpforgeError`` (one line on stderr); 2 ``register.py``'s
-gate blocked the promotion; 130 interrupted. ``docs/design.md`` explains the reasons.
+**Exit codes.** 0 done; 1 an ``ExpforgeError`` (one line on stderr); 2 the gate blocked
+the promotion (``register.py``, or ``run.py`` with ``register.enabled=true``); 130
+interrupted. ``docs/design.md`` explains the reasons.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ __all__ = [
     "STOP_GRACE_S",
     "alive",
     "command_started",
+    "exit_status",
     "freeze_at_exit",
     "freeze_loaded",
+    "gate_blocked",
     "guarded",
     "ignore_interrupts",
     "interrupted_for",
@@ -283,6 +286,19 @@ def start_up_done() -> None:
 
 
 _COMMAND = [False]  # this process runs a command of run.py (``command_started``)
+_GATE_BLOCKED = [False]  # a sweep's registration was refused (``gate_blocked``)
+
+
+def gate_blocked() -> None:
+    """The sweep's registration gate refused the winner: ``run.py`` exits 2 once Hydra's
+    multirun is over. A Hydra callback does not exit itself, which would skip the other
+    callbacks' ends."""
+    _GATE_BLOCKED[0] = True
+
+
+def exit_status() -> int:
+    """What ``run.py`` exits with after Hydra returned (errors and interrupts exit sooner)."""
+    return EXIT_GATE if _GATE_BLOCKED[0] else 0
 
 
 def command_started() -> None:

@@ -14,7 +14,6 @@ import atexit
 import math
 import os
 import signal
-import sys
 import time
 from collections import defaultdict
 from typing import Any
@@ -23,7 +22,7 @@ from hydra.experimental.callback import Callback
 
 from expforge.config import mask_overrides
 from expforge.metrics import ranking_key
-from expforge.process import EXIT_GATE, guarded, quiet_optuna, terminate_as_interrupt
+from expforge.process import gate_blocked, guarded, quiet_optuna, terminate_as_interrupt
 from expforge.tracking import RunRecord, Store, TrackingSettings, open_store, queries, reader
 
 __all__ = ["ENV_PARENT", "SweepParent"]
@@ -115,7 +114,7 @@ class SweepParent(Callback):
                                            "tracking": _section(config, "tracking"),
                                            "paths": _section(config, "paths")}, parent_id)
             if not registration.passed:
-                sys.exit(EXIT_GATE)
+                gate_blocked()
 
 
 def _swept(config: Any, jobs: list[Any]) -> dict[str, list[str]]:
