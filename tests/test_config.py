@@ -64,3 +64,14 @@ def test_slug_and_masking() -> None:
     assert mask_uri("postgresql://bob:secret@db/x") == "postgresql://bob:***@db/x"
     assert mask_secrets({"data": {"password": "pw", "path": "a.csv"}}) == {
         "data": {"password": "***", "path": "a.csv"}}
+
+
+def test_a_key_below_a_plain_value_is_not_a_config_key() -> None:
+    from expforge.cli import check_overrides
+
+    from .conftest import ROOT
+
+    with pytest.raises(ConfigError, match=r"^search\.n_trials\.x=1 names search\.n_trials\.x, "
+                                          r"which is not a config key; did you mean "
+                                          r"search\.n_trials\?"):
+        check_overrides(["search=optuna", "search.n_trials.x=1"], ROOT, "config")

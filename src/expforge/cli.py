@@ -282,15 +282,16 @@ def _check_keys(keys: list[Any], groups: list[str], conf_dir: str, config_name: 
         with initialize_config_dir(conf_dir, version_base="1.3"):
             cfg = compose(config_name, overrides=groups + given)
     except ConfigCompositionException as exc:
-        if isinstance(exc.__cause__, (ValidationError, ConfigTypeError)) and \
+        failed = next((line for line in given
+                       if str(exc) == f"Error merging override {line}"), None)
+        key = failed.split("=", 1)[0] if failed else ""
+        where = str(getattr(exc.__cause__, "full_key", "") or "")
+        below = bool(where) and key.startswith(f"{where}.")  # search.n_trials.x: no such key
+        if isinstance(exc.__cause__, (ValidationError, ConfigTypeError)) and not below and \
                 "not in struct" not in str(exc.__cause__):
             # A value the schema refuses (search.n_trials=many, a mapping for a list): one
             # line, not Hydra's report.
-            failed = next((line for line in given
-                           if str(exc) == f"Error merging override {line}"), None)
-            key = failed.split("=", 1)[0] if failed else str(
-                getattr(exc.__cause__, "full_key", "") or "")
-            raise schema_error(key.split(".", 1)[0], exc, failed) from None
+            raise schema_error((key or where).split(".", 1)[0], exc, failed) from None
         try:
             with initialize_config_dir(conf_dir, version_base="1.3"):
                 cfg = compose(config_name, overrides=groups)

@@ -326,8 +326,10 @@ def schema_error(section: str, exc: Exception, override: str | None = None) -> C
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     key = str(getattr(cause, "full_key", "") or getattr(exc, "full_key", "") or "")
     value = getattr(cause, "value", None)
-    if override is not None and (value is None or not key.startswith(override.split("=")[0])):
-        key, _, value = override.partition("=")
+    if override is not None:
+        given, _, text = override.partition("=")
+        if value is None or (key != given and not key.startswith((f"{given}.", f"{given}["))):
+            key, value = given, text
     leaf = key.rsplit(".", 1)[-1]
     schema = SCHEMAS.get(section) or SCHEMAS.get(key.split(".", 1)[0])
     known = {f.name: f for f in fields(schema)} if schema else {}
