@@ -21,9 +21,12 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from expforge.errors import ConfigError, first_line
+
+if TYPE_CHECKING:
+    from expforge.registry import Report
 
 __all__ = ["StudyResult", "register", "run", "runs", "search"]
 
@@ -60,7 +63,7 @@ class StudyResult:
     best_value: float | None
     best_params: dict[str, Any]
     study: Any  # optuna.Study
-    registration: Any = None  # registry.Report; None unless register.enabled=true
+    registration: Report | None = None  # None unless register.enabled=true
 
 
 @_callers_state_kept

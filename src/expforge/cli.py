@@ -189,17 +189,18 @@ def _check_writable(given: dict[str, Any], root: Path) -> None:
             "tracking.uri)")
 
 
-def _group_options(conf: Path, schemas: bool = True) -> dict[str, set[str]]:
-    """Each config group (a folder under ``conf/``) and its options: its files, and the
-    schemas registered in it (which Hydra's --help lists too) unless ``schemas=False``."""
+def _group_files(conf: Path) -> dict[str, set[str]]:
+    """Each config group (a folder under ``conf/``) and its config files' names."""
+    return {folder.name: {f.stem for f in folder.iterdir() if f.suffix in (".yaml", ".yml")}
+            for folder in conf.iterdir() if folder.is_dir()}
+
+
+def _group_options(conf: Path) -> dict[str, set[str]]:
+    """Each config group and its options: its files and the schemas registered in it (which
+    Hydra's --help lists too)."""
     from hydra.core.config_store import ConfigStore
 
-    options: dict[str, set[str]] = {}
-    for folder in (p for p in conf.iterdir() if p.is_dir()):
-        options[folder.name] = {f.stem for f in folder.iterdir()
-                                if f.suffix in (".yaml", ".yml")}
-    if not schemas:
-        return options
+    options = _group_files(conf)
     for group, entries in ConfigStore.instance().repo.items():  # the schemas
         if isinstance(entries, dict) and group in options:
             options[group] |= {name.rsplit(".", 1)[0] for name in entries}
@@ -211,7 +212,7 @@ def _check_groups(overrides: list[Any], conf: Path, config_name: str) -> None:
     optional, would otherwise be skipped without a word) and a config file that is not
     valid YAML (a traceback from deep inside Hydra), each in one line."""
     options = _group_options(conf)
-    offered = _group_options(conf, schemas=False)  # what the error lists: the files
+    offered = _group_files(conf)  # what the error lists: no schema
     chosen = _default_choices(conf / f"{config_name}.yaml")
     for o in overrides:
         group = o.key_or_group
