@@ -28,9 +28,10 @@ if __name__ == "__main__":
     import sys
 
     from expforge.cli import app_help, precheck
-    from expforge.process import freeze_at_exit
+    from expforge.process import exit_status, freeze_at_exit
 
     if not app_help(sys.argv[1:], ROOT, "register", "register"):
         freeze_at_exit()
         precheck(sys.argv[1:], ROOT, "register")
         main()
+        sys.exit(exit_status())

@@ -133,6 +133,10 @@ def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> N
                       "higher_is_better: false}]", *store)
     assert blocked.returncode == 2, blocked.stderr[-3000:]
     assert "not promoted: the winner failed the gate; champion is unchanged" in blocked.stdout
+    alone = run_cli("register.criteria=[{metric: val_rmse, threshold: 1, "
+                    "higher_is_better: false}]", *store, script="register.py")
+    assert alone.returncode == 2, alone.stderr[-3000:]
+    assert "not promoted: the winner failed the gate" in alone.stdout
     # The command closed its store: the -wal file is folded into mlflow.db and gone.
     assert sorted(p.name for p in tmp_path.glob("mlflow.db*")) == ["mlflow.db"]
     uri = "models:/expforge-model@champion"

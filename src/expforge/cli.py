@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 from expforge.errors import ConfigError, first_line
 from expforge.process import (
     EXIT_ERROR,
-    EXIT_GATE,
     command_started,
+    gate_blocked,
     guarded,
     library_logs_to_job_log,
 )
@@ -68,7 +68,7 @@ def run_job(cfg: Any) -> float | None:
                 from expforge.registry import register_after
 
                 if not register_after(plain, found.parent_run_id).passed:
-                    sys.exit(EXIT_GATE)  # the study is recorded; only the promotion is not
+                    gate_blocked()  # the study is recorded; only the promotion is not
             return found.best_value
         from expforge.runner import run_one
 
@@ -80,7 +80,8 @@ def run_job(cfg: Any) -> float | None:
 
 
 def register_job(cfg: Any) -> None:
-    """``python register.py``: select, gate, register; exit 2 when the gate blocks promotion."""
+    """``python register.py``: select, gate, register; exit 2 (``gate_blocked``) when the gate
+    blocks promotion."""
 
     def action() -> None:
         from expforge.config import to_plain
@@ -91,7 +92,7 @@ def register_job(cfg: Any) -> None:
         report = register_best(plain["register"], plain["tracking"], plain["paths"]["root"])
         print_report(report)
         if not report.passed:
-            sys.exit(EXIT_GATE)
+            gate_blocked()
 
     guarded(action)
 

@@ -286,19 +286,21 @@ def start_up_done() -> None:
 
 
 _COMMAND = [False]  # this process runs a command of run.py (``command_started``)
-_GATE_BLOCKED = [False]  # a sweep's registration was refused (``gate_blocked``)
+_GATE_BLOCKED = [False]  # the registration gate refused the winner (``gate_blocked``)
 
 
 def gate_blocked() -> None:
-    """The sweep's registration gate refused the winner: ``run.py`` exits 2 once Hydra's
-    multirun is over. A Hydra callback does not exit itself, which would skip the other
-    callbacks' ends."""
+    """The registration gate refused the winner: ``run.py`` or ``register.py`` exits 2 once
+    Hydra has returned. A job or a Hydra callback does not exit itself, which would skip the
+    callbacks' ends (``on_job_end``, ``on_run_end``, the others' ``on_multirun_end``)."""
     _GATE_BLOCKED[0] = True
 
 
 def exit_status() -> int:
-    """What ``run.py`` exits with after Hydra returned (errors and interrupts exit sooner)."""
-    return EXIT_GATE if _GATE_BLOCKED[0] else 0
+    """What a command exits with after Hydra returned (errors and interrupts exit sooner);
+    it forgets a blocked gate once told."""
+    blocked, _GATE_BLOCKED[0] = _GATE_BLOCKED[0], False
+    return EXIT_GATE if blocked else 0
 
 
 def command_started() -> None:

@@ -221,12 +221,13 @@ class StopRules:
         return None
 
     def _grid_covered(self) -> bool:
-        """GridSampler's own answer: a trial for every point of its grid has finished
-        (failed ones too; the configs tried first are no points of it). Asked only once
-        the trials finished are as many as the points, so its read of every trial is paid
+        """Every point of the grid has a verdict (``grid.untried``). Asked only once the
+        trials with a verdict are as many as the points, so its read of every trial is paid
         at the end of a grid alone."""
-        study = self.tally.study
-        return bool(study.sampler.is_exhausted(study))
+        from expforge.search.grid import untried
+
+        assert self.settings.grid is not None
+        return not untried(self.tally.study, self.settings.grid)
 
     def _target_or_patience(self) -> Stop | None:
         settings = self.settings

@@ -30,6 +30,7 @@ from expforge.process import interrupts_deferred, start_up_done
 from expforge.runner import RunContext
 from expforge.search.budget import TooManyFailures, counts
 from expforge.search.fixed import with_fixed
+from expforge.search.grid import retry_cut_short
 from expforge.search.job import Job
 from expforge.search.loop import optimize
 from expforge.search.parent import Drawn, draw_report, finish, open_parent_run
@@ -98,21 +99,19 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
 
 def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettings:
     """A finite space. GridSampler gets the grid of ``params`` (those the data's task
-    suggests) and a budget of at most the grid and the configs tried first (which the grid
-    does not count); the study stops once the grid is covered (``budget.StopRules``). Any
-    other sampler on a space smaller than the budget is told that it will repeat configs."""
+    suggests), unless its own ``search_space`` is given; the study stops once every point of
+    it is tried (``budget.StopRules``). Any other sampler on a space smaller than the budget
+    is told that it will repeat configs."""
     spec = settings.sampler
-    if str(spec.get("_target_", "")).endswith("GridSampler") and "search_space" not in spec:
-        settings = replace(settings, grid=grid_of(params))
+    if str(spec.get("_target_", "")).endswith("GridSampler"):
+        given = spec.get("search_space")
+        grid = {str(k): list(v) for k, v in given.items()} if given else grid_of(params)
+        settings = replace(settings, grid=grid)
         points = settings.grid_size or 0
-        first = len(settings.enqueue) + (settings.warm_start_top_k
-                                         if settings.warm_start_from else 0)
-        if settings.n_trials > points + first:
-            also = f" and the {first} tried first" if first else ""
+        if settings.n_trials > points:
             print(f"warning: search.n_trials={settings.n_trials} is more than the {points} "
-                  f"configs of the grid{also}; the study stops once the grid is covered",
+                  "configs of the grid; the study stops once each of them is tried",
                   file=sys.stderr)
-            settings = replace(settings, n_trials=points + first)
         return settings
     size = space_size(params)
     if size is None or settings.n_trials <= size:
@@ -124,9 +123,13 @@ def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettin
 
 
 def _try_first(job: Job, study: Any) -> None:
-    """A new study: enqueue ``search.enqueue`` and the warm start's configs first."""
+    """A new study: enqueue ``search.enqueue`` and the warm start's configs first. A grid
+    resumed: enqueue again the points that an interrupt cut short (``grid.retry_cut_short``)."""
     settings = job.settings
     if study.get_trials(deepcopy=False):
+        if settings.grid is not None and (again := retry_cut_short(study, settings.grid)):
+            print(f"study {settings.study_name}: tries again {again} config(s) of the grid "
+                  "that an interrupt cut short")
         return  # resumed: enqueued once already
     configs = list(settings.enqueue)
     if settings.warm_start_from:

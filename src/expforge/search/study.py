@@ -243,9 +243,12 @@ def sampler(settings: SearchSettings, params: list[Param], index: int, offset: i
     own seed, so parallel workers do not mirror each other and a resume does not replay."""
     spec = dict(settings.sampler)
     extra: dict[str, Any] = {}
-    if "seed" in spec and spec["seed"] is not None:
+    grid = str(spec.get("_target_", "")).endswith("GridSampler")
+    # GridSampler's seed shuffles its grid, and trial k gets the k-th point: every process
+    # must shuffle alike.
+    if "seed" in spec and spec["seed"] is not None and not grid:
         spec["seed"] = int(spec["seed"]) + index + 1009 * offset
-    if str(spec.get("_target_", "")).endswith("GridSampler") and "search_space" not in spec:
+    if grid and "search_space" not in spec:
         extra["search_space"] = settings.grid if settings.grid is not None else grid_of(params)
     return _instantiate("search.sampler", spec, settings.allowed_targets, **extra)
 
