@@ -66,6 +66,16 @@ def test_slug_and_masking() -> None:
         "data": {"password": "***", "path": "a.csv"}}
 
 
+def test_a_warm_start_that_is_not_a_mapping_is_one_line() -> None:
+    from expforge.cli import check_overrides
+
+    from .conftest import ROOT
+
+    with pytest.raises(ConfigError, match=r"^search\.warm_start=5 is invalid; set its keys, "
+                                          r"e\.g\. search\.warm_start\.from=<study name"):
+        check_overrides(["search=optuna", "search.warm_start=5"], ROOT, "config")
+
+
 def test_a_key_below_a_plain_value_is_not_a_config_key() -> None:
     from expforge.cli import check_overrides
 

@@ -240,7 +240,9 @@ class SearchSchema:
         "fix": "give a list of {dotted key: value} configs, e.g. "
                "search.enqueue=[{model.max_depth: 6}]"})
     warm_start: dict[str, Any] = field(
-        default_factory=lambda: {"from": None, "top_k": 5, "storage": None})
+        default_factory=lambda: {"from": None, "top_k": 5, "storage": None},
+        metadata={"fix": "set its keys, e.g. search.warm_start.from=<study name or parent run "
+                         "id> (search.warm_start.top_k, search.warm_start.storage)"})
     patience: int | None = field(
         default=None, metadata={"fix": "give a whole number >= 1 or null",
                                 "check": lambda v: v is None or v >= 1})
