@@ -26,7 +26,7 @@ def test_enqueued_configs_and_an_earlier_studys_best_come_first(tmp_path: Path) 
     # The earlier study searched one key more than the later ones do.
     first = _search(tmp_path, "small", "search.n_trials=5", f"search.enqueue=[{{{key}: 0.5}}]",
                     f'+search_space.{extra}="choice(true, false)"')
-    assert "study small: tries 1 configs first (1 of search.enqueue)" in first.stdout
+    assert "study small: tries 1 config first (1 of search.enqueue)" in first.stdout
     small = load(tmp_path / "small.journal", "small")
     assert small.trials[0].params[key] == 0.5
     best_two = [{key: t.params[key]} for t in sorted(small.trials, key=lambda t: t.value)[:2]]

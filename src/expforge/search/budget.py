@@ -202,12 +202,13 @@ class StopRules:
         self._finished: list[float] = []  # finish times after since, sorted
         self._complete = TrialState.COMPLETE
         self._done = (TrialState.COMPLETE, TrialState.PRUNED)
+        self._grid_asked: Counts | None = None  # the counts when a grid was last not covered
 
     def check(self, now: Counts, deadline: float) -> Stop | None:
         """The budget (from ``now``), the target, the patience, then the deadline."""
         settings = self.settings
         size = settings.grid_size
-        if size is not None and now.done + now.failed >= size and self._grid_covered():
+        if size is not None and now.taken + now.failed >= size and self._grid_covered(now):
             failed = f", {now.failed} of them failed" if now.failed else ""
             return Stop("grid", f"all {size} configs of the grid tried{failed}")
         if now.done >= settings.n_trials:
@@ -220,14 +221,24 @@ class StopRules:
             return Stop("timeout", f"search.timeout={settings.timeout:g} s passed")
         return None
 
-    def _grid_covered(self) -> bool:
-        """Every point of the grid has a verdict (``grid.untried``). Asked only once the
-        trials with a verdict are as many as the points, so its read of every trial is paid
-        at the end of a grid alone."""
-        from expforge.search.grid import untried
+    def _grid_covered(self, now: Counts) -> bool:
+        """Every point of the grid has a verdict or a trial running (``grid.untried``): no
+        trial is to start, as GridSampler would hand it a running point again. If not, and
+        GridSampler has none left to hand out, the points it lost are enqueued
+        (``grid.hand_back_lost``) for the next trials. Asked only once the trials finished or
+        running are as many as the points, and again only when the counts change, so its
+        reads of every trial are paid at the end of a grid alone."""
+        from expforge.search.grid import hand_back_lost, untried
 
-        assert self.settings.grid is not None
-        return not untried(self.tally.study, self.settings.grid)
+        grid = self.settings.grid
+        assert grid is not None
+        if now == self._grid_asked:
+            return False
+        self._grid_asked = now
+        if not untried(self.tally.study, grid, running=True):
+            return True
+        hand_back_lost(self.tally.study, grid)
+        return False
 
     def _target_or_patience(self) -> Stop | None:
         settings = self.settings

@@ -30,7 +30,7 @@ from expforge.process import interrupts_deferred, start_up_done
 from expforge.runner import RunContext
 from expforge.search.budget import TooManyFailures, counts
 from expforge.search.fixed import with_fixed
-from expforge.search.grid import retry_cut_short
+from expforge.search.grid import hand_back_lost, is_point
 from expforge.search.job import Job
 from expforge.search.loop import optimize
 from expforge.search.parent import Drawn, draw_report, finish, open_parent_run
@@ -124,24 +124,32 @@ def _within_space(settings: SearchSettings, params: list[Param]) -> SearchSettin
 
 def _try_first(job: Job, study: Any) -> None:
     """A new study: enqueue ``search.enqueue`` and the warm start's configs first. A grid
-    resumed: enqueue again the points that an interrupt cut short (``grid.retry_cut_short``)."""
+    resumed: enqueue the points that GridSampler lost (``grid.hand_back_lost``)."""
     settings = job.settings
     if study.get_trials(deepcopy=False):
-        if settings.grid is not None and (again := retry_cut_short(study, settings.grid)):
+        if settings.grid is not None and (again := hand_back_lost(study, settings.grid)):
             print(f"study {settings.study_name}: tries again {again} config(s) of the grid "
-                  "that an interrupt cut short")
+                  "whose trials were cut short")
         return  # resumed: enqueued once already
-    configs = list(settings.enqueue)
-    if settings.warm_start_from:
-        configs += warm_start_configs(settings.warm_start_from, settings.warm_start_top_k,
-                                      settings.warm_start_storage, settings.storage,
-                                      job.tracking.uri, job.params)
+    given = list(settings.enqueue)
+    warm = [] if not settings.warm_start_from else warm_start_configs(
+        settings.warm_start_from, settings.warm_start_top_k, settings.warm_start_storage,
+        settings.storage, job.tracking.uri, job.params)
+    if settings.grid is not None:  # the grid tries its points anyway, in its own order
+        grid = settings.grid
+        points = sum(is_point(c, grid) for c in given + warm)
+        given = [c for c in given if not is_point(c, grid)]
+        warm = [c for c in warm if not is_point(c, grid)]
+        if points:
+            print(f"study {settings.study_name}: {points} of the configs to try first "
+                  f"{'is a point' if points == 1 else 'are points'} of the grid, tried in "
+                  "its turn")
+    configs = given + warm
     if enqueue_first(study, configs):
-        given, warm = len(settings.enqueue), len(configs) - len(settings.enqueue)
-        sources = [*([f"{given} of search.enqueue"] if given else []),
-                   *([f"{warm} best of {settings.warm_start_from}"] if warm else [])]
-        print(f"study {settings.study_name}: tries {len(configs)} configs first "
-              f"({', '.join(sources)})")
+        sources = [*([f"{len(given)} of search.enqueue"] if given else []),
+                   *([f"{len(warm)} best of {settings.warm_start_from}"] if warm else [])]
+        print(f"study {settings.study_name}: tries {len(configs)} "
+              f"config{'s' if len(configs) > 1 else ''} first ({', '.join(sources)})")
 
 
 @contextlib.contextmanager
