@@ -116,6 +116,14 @@ CASES = {
          "cv.groups=store"],
         "error: cv.groups=store is not a column of data.path={fewclass}; choose one of: x, "
         "shop, y"),
+    "register-criteria-not-a-list-before-the-study": (
+        ["search=optuna", "register.enabled=true", "register.criteria=5"],
+        "error: register.criteria=5 is invalid; give a list, e.g. [{{metric: val_rmse, "
+        "threshold: 60, higher_is_better: false}}]"),
+    "register-criterion-without-threshold-before-the-sweep": (
+        ["-m", "seed=1,2", "model=linear", "register.enabled=true",
+         "register.criteria=[{{metric: val_rmse, thresh: 5}}]"],
+        "error: register.criteria[0]={{'metric': 'val_rmse', 'thresh': 5}} is invalid"),
     "unknown-sampler": (["search=optuna", "search.sampler._target_=optuna.samplers.Nope"],
                         "error: search.sampler._target_=optuna.samplers.Nope cannot be built"),
     "blocked-target": (["model.regressor._target_=os.system"],
@@ -171,6 +179,8 @@ def test_bad_input_row(case: str, tmp_path: Path, files, request) -> None:
         runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
         assert not [r for r in runs if r.info.status == "RUNNING"]
         assert not c.search_registered_models()
+        if "-before-the-" in case:  # found before anything ran
+            assert not runs
 
 
 def test_a_config_file_with_a_yaml_error_is_one_line(tmp_path: Path) -> None:

@@ -92,9 +92,14 @@ def search(overrides: Sequence[str] = (), config_dir: str | Path | None = None
     if not any(o.lstrip("+~").startswith("search=") for o in given):
         given.insert(0, "search=optuna")
     plain, context = _compose("config", given, config_dir)
+    registers = (plain.get("register") or {}).get("enabled")
+    if registers:  # its settings fail here, not after the whole study
+        from expforge.registry import RegisterSettings
+
+        RegisterSettings.from_config(plain["register"])
     found = run_search(plain, context)
     registration = None
-    if (plain.get("register") or {}).get("enabled"):
+    if registers:
         from expforge.registry import register_after
 
         registration = register_after(plain, found.parent_run_id)

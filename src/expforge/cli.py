@@ -63,8 +63,13 @@ def run_job(cfg: Any) -> float | None:
         if search != "none":
             from expforge.search import run_search
 
+            registers = (plain.get("register") or {}).get("enabled") and not sweep_parent
+            if registers:  # its settings fail here, not after the whole study
+                from expforge.registry import RegisterSettings
+
+                RegisterSettings.from_config(plain["register"])
             found = run_search(plain, hydra_context(), sweep_parent_run_id=sweep_parent)
-            if (plain.get("register") or {}).get("enabled") and not sweep_parent:
+            if registers:
                 from expforge.registry import register_after
 
                 if not register_after(plain, found.parent_run_id).passed:

@@ -66,7 +66,12 @@ class RegisterSettings:
     @classmethod
     def from_config(cls, reg: Mapping[str, Any]) -> RegisterSettings:
         criteria = []
-        for i, c in enumerate(reg.get("criteria") or []):
+        given = reg.get("criteria") or []
+        if not isinstance(given, (list, tuple)):
+            raise RegistryError(
+                f"register.criteria={given} is invalid; give a list, e.g. [{{metric: val_rmse, "
+                "threshold: 60, higher_is_better: false}]")
+        for i, c in enumerate(given):
             if not isinstance(c, Mapping) or "metric" not in c or "threshold" not in c:
                 raise RegistryError(
                     f"register.criteria[{i}]={c} is invalid; give {{metric: val_rmse, "

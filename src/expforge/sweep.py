@@ -57,6 +57,11 @@ class SweepParent(Callback):
                 signal.signal(signal.SIGTERM, previous)
 
     def _start(self, config: Any) -> None:
+        register = _section(config, "register")
+        if register.get("enabled"):  # its settings fail here, not after every job
+            from expforge.registry import RegisterSettings
+
+            RegisterSettings.from_config(register)
         tracking = TrackingSettings.from_config(_section(config, "tracking"))
         store = open_store(tracking)
         experiment_id = store.connect(tracking)
