@@ -63,6 +63,9 @@ CASES = {
     "misspelt-key": (["model.max_dept=3"],
                      "error: model.max_dept=3 names model.max_dept, which is not a config key; "
                      "did you mean model.max_depth?"),
+    "misspelt-top-level-key": (["serch=optuna"],
+                               "error: serch=optuna names serch, which is neither a config "
+                               "group nor a config key; did you mean search?"),
     "wrong-type": (["search=optuna", "search.n_trials=many"],
                    "error: search.n_trials=many is invalid; give a whole number >= 1"),
     "negative-budget": (["search=optuna", "search.n_trials=-3"],

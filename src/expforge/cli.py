@@ -165,6 +165,7 @@ def check_overrides(argv: list[str], root: Path, config_name: str) -> None:
     given = {o.key_or_group: o.value() for o in overrides}
     _check_writable(given, root)
     _check_groups(overrides, root / "conf", config_name)
+    _check_top_level(overrides, root / "conf", config_name)
     keys, groups = [], []
     for o in overrides:
         if o.is_add() or o.is_delete() or o.is_force_add() or o.key_or_group.startswith("hydra"):
@@ -238,6 +239,32 @@ def _check_groups(overrides: list[Any], conf: Path, config_name: str) -> None:
         conf / group / f"{v}.yaml" for group, values in chosen.items() for v in values]
     for file in files:
         _check_yaml(file, conf)
+
+
+def _check_top_level(overrides: list[Any], conf: Path, config_name: str) -> None:
+    """A misspelt top-level key or group (``serch=optuna``): Hydra's report is several lines
+    and suggests ``+serch`` (adding a new key), the wrong fix for a typo."""
+    import yaml
+
+    from expforge.config import closest_keys
+
+    try:
+        primary = yaml.safe_load((conf / f"{config_name}.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return  # reported by _check_yaml or by Hydra
+    if not isinstance(primary, dict):
+        return
+    names = set(_group_files(conf)) | {str(k) for k in primary if k != "defaults"} | {"hydra"}
+    for o in overrides:
+        key = o.key_or_group
+        if o.is_add() or o.is_force_add() or o.is_delete() or o.package or "." in key \
+                or "/" in key or key in names:
+            continue
+        near = closest_keys(key, names)
+        hint = f"did you mean {near[0]}? " if near else ""
+        text = o.input_line or key
+        raise ConfigError(f"{text} names {key}, which is neither a config group nor a config "
+                          f"key; {hint}(to add a new key on purpose: +{text})")
 
 
 def _default_choices(primary: Path) -> dict[str, list[str]]:
