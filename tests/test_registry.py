@@ -120,15 +120,19 @@ def test_registry_errors(plain, store) -> None:
 def test_champion_via_cli_loads_in_fresh_process_and_serves(tmp_path: Path) -> None:
     store = [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
              f"tracking.artifact_root={tmp_path}/art", f"paths.outputs={tmp_path}/out"]
+    # (a choice of floats: matplotlib's INFO lines about categorical units go to the job log)
     done = run_cli("search=optuna", "model=xgb", "search.n_trials=2", "register.enabled=true",
                    f"search.storage={tmp_path}/s.journal", "model.n_estimators=20",
-                   "search_space.model.n_estimators.high=100", *store)
+                   "search_space.model.n_estimators.high=100",
+                   'search_space.model.learning_rate="choice(0.1, 0.3)"', *store)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "champion -> v1" in done.stdout  # (register.py itself: tests/test_errors.py)
+    assert "matplotlib" not in done.stdout + done.stderr
     # The same study again (no new trial) with a gate it fails: exit 2, as register.py's.
     blocked = run_cli("search=optuna", "model=xgb", "search.n_trials=2", "register.enabled=true",
                       f"search.storage={tmp_path}/s.journal", "model.n_estimators=20",
                       "search_space.model.n_estimators.high=100", "search.plots=false",
+                      'search_space.model.learning_rate="choice(0.1, 0.3)"',
                       "register.criteria=[{metric: val_rmse, threshold: 1, "
                       "higher_is_better: false}]", *store)
     assert blocked.returncode == 2, blocked.stderr[-3000:]

@@ -74,7 +74,7 @@ _interrupted_at: float | None = None
 T = TypeVar("T")
 
 # The libraries whose log lines go to Hydra's job log instead of the console.
-LIBRARY_LOGGERS = ("optuna", "mlflow", "alembic")
+LIBRARY_LOGGERS = ("optuna", "mlflow", "alembic", "matplotlib")
 
 
 def library_logs_to_job_log() -> None:
