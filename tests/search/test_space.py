@@ -101,3 +101,17 @@ def test_task_condition() -> None:
 def test_invalid_space_is_one_clear_error(space: dict, message: str) -> None:
     with pytest.raises(SearchError, match=message.replace("(", r"\(")):
         parse_space(space, CONFIG)
+
+
+def test_an_enqueued_key_the_task_does_not_search_is_a_warning(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from expforge.search.warm import check_enqueued
+
+    params = parse_space({"model.learning_rate": {"type": "float", "low": 0.1, "high": 0.2,
+                                                  "when": {"task": "binary"}},
+                          "model.max_depth": "int(interval(2, 5))"}, CONFIG)
+    check_enqueued([{"model.learning_rate": 0.15, "model.max_depth": 3}], params, "binary")
+    assert capsys.readouterr().err == ""
+    check_enqueued([{"model.learning_rate": 0.15}], params, "regression")
+    assert ("warning: search.enqueue[0].model.learning_rate=0.15 is not searched for the "
+            "regression task (its when.task: binary)") in capsys.readouterr().err

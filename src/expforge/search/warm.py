@@ -17,7 +17,7 @@ from typing import Any
 
 from expforge import config as config_mod
 from expforge.errors import SearchError
-from expforge.search.space import Param
+from expforge.search.space import Param, for_task
 from expforge.search.study import load_existing
 from expforge.tracking import reader
 
@@ -26,10 +26,13 @@ __all__ = ["check_enqueued", "enqueue_first", "warm_start_configs"]
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def check_enqueued(configs: Sequence[Mapping[str, Any]], params: list[Param]) -> None:
+def check_enqueued(configs: Sequence[Mapping[str, Any]], params: list[Param],
+                   task: str | None = None) -> None:
     """Every key of every ``search.enqueue`` entry is a key of the space and every value is
-    inside its range or choices: one error before any trial otherwise."""
+    inside its range or choices: one error before any trial otherwise. A key that the data's
+    ``task`` does not search (its ``when.task``) gets a warning: the trial leaves it out."""
     by_key = {p.key: p for p in params}
+    active = {p.key for p in for_task(params, task)} if task is not None else set(by_key)
     for i, entry in enumerate(configs):
         if not isinstance(entry, Mapping):
             raise SearchError(f"search.enqueue[{i}]={entry} is not a config; give each entry as "
@@ -44,6 +47,10 @@ def check_enqueued(configs: Sequence[Mapping[str, Any]], params: list[Param]) ->
                     f"search.enqueue[{i}].{key}={value} is outside the search space "
                     f"({key}: {_shown(by_key[key].distribution)}); give a value inside it, or "
                     f"widen search_space.{key}")
+            if key not in active:
+                print(f"warning: search.enqueue[{i}].{key}={value} is not searched for the "
+                      f"{task} task (its when.task: {by_key[key].when['task']}); that trial "
+                      "leaves it out", file=sys.stderr)
 
 
 def warm_start_configs(source: str, top_k: int, storage: str | None, settings_storage: str,
