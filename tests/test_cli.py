@@ -24,12 +24,16 @@ def all_runs(tmp_path: Path) -> list:
 
 
 def test_default_run_prints_summary_and_records_one_run(tmp_path: Path) -> None:
-    done = run_cli(*store_args(tmp_path), "model.n_estimators=20", cwd=tmp_path)
+    """register.enabled=true on a single run registers that run, if it passes the gate."""
+    done = run_cli(*store_args(tmp_path), "model.n_estimators=20", "register.enabled=true",
+                   cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val_rmse" in done.stdout and "open the UI: mlflow ui --backend-store-uri" in \
         done.stdout
     (run,) = all_runs(tmp_path)
     assert run.info.status == "FINISHED"
+    assert f"winner: run {run.info.run_id}" in done.stdout
+    assert "registered expforge-model version 1; champion -> v1" in done.stdout
     assert run.data.tags["model"] == "rf" and run.data.tags["data"] == "diabetes"
     assert run.info.run_id in done.stdout
     # artifacts sit beside the store, not in the working directory or the Hydra folder

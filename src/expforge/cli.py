@@ -60,14 +60,14 @@ def run_job(cfg: Any) -> float | None:
 
         sweep_parent = os.environ.get(ENV_PARENT)  # set by SweepParent in a multirun
         search = (plain.get("search") or {}).get("name", "none")
+        registers = (plain.get("register") or {}).get("enabled") and not sweep_parent
+        if registers:  # its settings fail here, not after the run or the whole study
+            from expforge.registry import RegisterSettings
+
+            RegisterSettings.from_config(plain["register"])
         if search != "none":
             from expforge.search import run_search
 
-            registers = (plain.get("register") or {}).get("enabled") and not sweep_parent
-            if registers:  # its settings fail here, not after the whole study
-                from expforge.registry import RegisterSettings
-
-                RegisterSettings.from_config(plain["register"])
             found = run_search(plain, hydra_context(), sweep_parent_run_id=sweep_parent)
             if registers:
                 from expforge.registry import register_after
@@ -79,6 +79,11 @@ def run_job(cfg: Any) -> float | None:
 
         result, _ = run_one(plain, hydra_context(), parent_run_id=sweep_parent)
         print_summary(result)
+        if registers:
+            from expforge.registry import register_run
+
+            if not register_run(plain, result.run_id).passed:
+                gate_blocked()
         return result.value
 
     return guarded(action)
