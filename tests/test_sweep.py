@@ -64,8 +64,9 @@ def test_a_sweep_parent_holds_its_jobs_and_the_best_of_them(store, tmp_path: Pat
 
 def test_a_crashed_multirun_run_again_with_reuse_trains_only_what_is_missing(
         tmp_path: Path) -> None:
-    """Four jobs, the command killed once two have finished; the same command with
-    tracking.reuse=true trains the other two, and its sweep parent lists all four."""
+    """Four jobs, the command killed once one has finished (three more left, so that a busy
+    machine does not finish them all before the kill lands); the same command with
+    tracking.reuse=true trains the others, and its sweep parent lists all four."""
     import signal
     import subprocess
     import sys
@@ -88,12 +89,12 @@ def test_a_crashed_multirun_run_again_with_reuse_trains_only_what_is_missing(
                 if "expforge.role" not in r.data.tags]
 
     deadline = time.monotonic() + 120
-    while len(finished_jobs()) < 2 and first.poll() is None and time.monotonic() < deadline:
+    while not finished_jobs() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=60)
     kept = {r.info.run_id for r in finished_jobs()}
-    assert 2 <= len(kept) < 4, first.stderr.read()[-2000:] if first.stderr else ""
+    assert 1 <= len(kept) < 4, first.stderr.read()[-2000:] if first.stderr else ""
 
     again = subprocess.run([*args, "tracking.reuse=true"], capture_output=True, text=True,
                            timeout=300, check=False)

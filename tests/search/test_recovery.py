@@ -307,7 +307,9 @@ def _kill(server: subprocess.Popen[str]) -> None:
     server.wait(timeout=30)
 
 
-def _after_trials(proc: subprocess.Popen[str], journal: Path, n: int) -> None:
+def _after_trials(proc: subprocess.Popen[str], journal: Path, n: int, err: Path) -> None:
+    """Wait for ``n`` COMPLETE trials; ``err`` is the process's stderr, a file (a pipe that
+    no one reads while waiting would stall a process that writes much)."""
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -317,7 +319,7 @@ def _after_trials(proc: subprocess.Popen[str], journal: Path, n: int) -> None:
         if len(done) >= n:
             return
         time.sleep(0.2)
-    raise AssertionError(f"fewer than {n} trials finished: {proc.communicate()[1][-2000:]}")
+    raise AssertionError(f"fewer than {n} trials finished: {err.read_text()[-2000:]}")
 
 
 def test_a_tracking_server_that_dies_mid_study(tmp_path: Path) -> None:
@@ -339,19 +341,25 @@ def test_a_tracking_server_that_dies_mid_study(tmp_path: Path) -> None:
 
     gives_up, interrupted = command("gives-up", "tracking.retry_s=3"), command("interrupted")
     server = _server(port, backend, artifacts)
-    procs = [subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True) for args in (gives_up, interrupted)]
-    for proc, name in zip(procs, ("gives-up", "interrupted"), strict=True):
-        _after_trials(proc, tmp_path / name / "s.journal", 2)
+    errs = [tmp_path / "gives-up.err", tmp_path / "interrupted.err"]
+    procs = []
+    for args, path in zip((gives_up, interrupted), errs, strict=True):
+        with path.open("w") as err_file:
+            procs.append(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err_file,
+                                          text=True))
+    for proc, name, path in zip(procs, ("gives-up", "interrupted"), errs, strict=True):
+        _after_trials(proc, tmp_path / name / "s.journal", 2, path)
     _kill(server)
     died = time.monotonic()
     time.sleep(1.0)
     procs[1].send_signal(signal.SIGTERM)  # Ctrl-C, as a scheduler sends it
-    _, err = procs[1].communicate(timeout=60)
+    procs[1].wait(timeout=60)
+    err = errs[1].read_text()
     assert time.monotonic() - died < 20  # not the 120 s of tracking.retry_s
     assert procs[1].returncode == 130, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: ")
-    _, err = procs[0].communicate(timeout=120)
+    procs[0].wait(timeout=120)
+    err = errs[0].read_text()
     assert time.monotonic() - died < 30
     assert procs[0].returncode == 1
     last = err.strip().splitlines()[-1]
