@@ -80,9 +80,9 @@ def run_job(cfg: Any) -> float | None:
         result, _ = run_one(plain, hydra_context(), parent_run_id=sweep_parent)
         print_summary(result)
         if registers:
-            from expforge.registry import register_run
+            from expforge.registry import register_after
 
-            if not register_run(plain, result.run_id).passed:
+            if not register_after(plain, run_id=result.run_id).passed:
                 gate_blocked()
         return result.value
 

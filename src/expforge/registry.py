@@ -37,7 +37,7 @@ from expforge.tracking import (
 from expforge.tracking.models import alias_version, load_model, register_version
 
 __all__ = ["Candidate", "RegisterSettings", "Report", "print_report", "register_after",
-           "register_best", "register_run"]
+           "register_best"]
 
 
 @dataclass(frozen=True)
@@ -392,20 +392,14 @@ def _promote(client: Any, winner: Candidate, name: str, alias: str, metric: str,
                       if current is not None and str(current.version) != version else ""))
 
 
-def register_after(plain: Mapping[str, Any], parent_run_id: str) -> Report:
-    """The post-step of a search or sweep when ``register.enabled=true``; its report
-    (``passed`` is False when the gate blocked the promotion)."""
+def register_after(plain: Mapping[str, Any], parent_run_id: str | None = None,
+                   run_id: str | None = None) -> Report:
+    """The post-step of a search or sweep (its parent run), or of a single run (its only
+    candidate), when ``register.enabled=true``; its report (``passed`` is False when the
+    gate blocked the promotion)."""
     reg = {**plain["register"], "parent_run_id": parent_run_id}
-    report = register_best(reg, plain["tracking"], plain["paths"]["root"])
-    print_report(report)
-    return report
-
-
-def register_run(plain: Mapping[str, Any], run_id: str) -> Report:
-    """The post-step of a single run when ``register.enabled=true``: that run is the only
-    candidate; its report."""
-    reg = {**plain["register"], "parent_run_id": None,
-           "filter": f"attributes.run_id = '{run_id}'"}
+    if run_id is not None:
+        reg["filter"] = f"attributes.run_id = '{run_id}'"
     report = register_best(reg, plain["tracking"], plain["paths"]["root"])
     print_report(report)
     return report

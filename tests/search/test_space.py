@@ -110,8 +110,10 @@ def test_an_enqueued_key_the_task_does_not_search_is_a_warning(
     params = parse_space({"model.learning_rate": {"type": "float", "low": 0.1, "high": 0.2,
                                                   "when": {"task": "binary"}},
                           "model.max_depth": "int(interval(2, 5))"}, CONFIG)
-    check_enqueued([{"model.learning_rate": 0.15, "model.max_depth": 3}], params, "binary")
+    check_enqueued([{"model.learning_rate": 0.15, "model.max_depth": 3}], params,
+                   for_task(params, "binary"), "binary")
     assert capsys.readouterr().err == ""
-    check_enqueued([{"model.learning_rate": 0.15}], params, "regression")
+    check_enqueued([{"model.learning_rate": 0.15}], params, for_task(params, "regression"),
+                   "regression")
     assert ("warning: search.enqueue[0].model.learning_rate=0.15 is not searched for the "
             "regression task (its when.task: binary)") in capsys.readouterr().err

@@ -77,9 +77,10 @@ def run_search(plain: Mapping[str, Any], context: RunContext | None = None,
             folds_of(cv, dataset, int(plain["seed"]))
         settings = settings_of(plain, dataset.task)
         params = parse_space(plain.get("search_space"), plain)
-        settings = _within_space(settings, for_task(params, dataset.task))
-        check_enqueued(settings.enqueue, params, dataset.task)
-        sampler(settings, params, 0)  # a bad sampler or pruner fails before anything starts
+        searched = for_task(params, dataset.task)
+        settings = _within_space(settings, searched)
+        check_enqueued(settings.enqueue, params, searched, dataset.task)
+        sampler(settings, 0)  # a bad sampler or pruner fails before anything starts
         pruner(settings)
     except BaseException:
         store.close()

@@ -16,7 +16,7 @@ from expforge.process import quiet_optuna
 from expforge.search.job import PURPOSE_ATTR
 from expforge.search.recovery import FailedTrialRun, heartbeats_used
 from expforge.search.settings import SearchSettings
-from expforge.search.space import Param, grid_of
+from expforge.search.space import Param
 from expforge.tracking import Store
 
 __all__ = ["journal_damage", "keep_purpose", "load_existing", "open_study", "pruner",
@@ -38,7 +38,7 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
         study = optuna.create_study(
             study_name=settings.study_name,
             storage=_storage(settings, FailedTrialRun(store, experiment_id)),
-            sampler=sampler(settings, params, index),
+            sampler=sampler(settings, index),
             pruner=pruner(settings),
             directions=settings.directions,  # type: ignore[arg-type]  # checked
             load_if_exists=True,
@@ -50,7 +50,7 @@ def open_study(settings: SearchSettings, params: list[Param], index: int, store:
             print(f"warning: {repaired}; the study's {done} finished trials before it are "
                   "kept", file=sys.stderr)
         if existing:  # a resume: a sampler seeded as before would replay the first trials
-            study.sampler = sampler(settings, params, index, offset=existing)
+            study.sampler = sampler(settings, index, offset=existing)
         return study
     except ValueError as exc:  # directions differ, or a damaged journal
         if journal is not None and (damage := journal_damage(journal)):
@@ -238,7 +238,7 @@ def _storage(settings: SearchSettings, on_stale: FailedTrialRun) -> Any:
                           "start the database, create it, or fix search.storage") from None
 
 
-def sampler(settings: SearchSettings, params: list[Param], index: int, offset: int = 0) -> Any:
+def sampler(settings: SearchSettings, index: int, offset: int = 0) -> Any:
     """The configured sampler; worker ``index`` and a resume after ``offset`` trials get their
     own seed, so parallel workers do not mirror each other and a resume does not replay."""
     spec = dict(settings.sampler)
@@ -249,7 +249,7 @@ def sampler(settings: SearchSettings, params: list[Param], index: int, offset: i
     if "seed" in spec and spec["seed"] is not None and not grid:
         spec["seed"] = int(spec["seed"]) + index + 1009 * offset
     if grid and "search_space" not in spec:
-        extra["search_space"] = settings.grid if settings.grid is not None else grid_of(params)
+        extra["search_space"] = settings.grid  # of the searched params (coordinator)
     return _instantiate("search.sampler", spec, settings.allowed_targets, **extra)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from expforge import config as config_mod
 from expforge.errors import SearchError
-from expforge.search.space import Param, for_task
+from expforge.search.space import Param
 from expforge.search.study import load_existing
 from expforge.tracking import reader
 
@@ -27,12 +27,13 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 def check_enqueued(configs: Sequence[Mapping[str, Any]], params: list[Param],
-                   task: str | None = None) -> None:
+                   searched: list[Param], task: str) -> None:
     """Every key of every ``search.enqueue`` entry is a key of the space and every value is
     inside its range or choices: one error before any trial otherwise. A key that the data's
-    ``task`` does not search (its ``when.task``) gets a warning: the trial leaves it out."""
+    ``task`` does not search (not in ``searched``, ``space.for_task``) gets a warning: the
+    trial leaves it out."""
     by_key = {p.key: p for p in params}
-    active = {p.key for p in for_task(params, task)} if task is not None else set(by_key)
+    active = {p.key for p in searched}
     for i, entry in enumerate(configs):
         if not isinstance(entry, Mapping):
             raise SearchError(f"search.enqueue[{i}]={entry} is not a config; give each entry as "
